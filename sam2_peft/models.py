@@ -1,0 +1,143 @@
+"""Load SAM2 as a transformers `Sam2Model`, from wherever the weights live.
+
+    from sam2_peft import load_sam2
+    model = load_sam2("facebook/sam2.1-hiera-tiny")   # Hub id, local folder, official .pt, or "tiny-random"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import Sam2Config, Sam2ImageProcessor, Sam2Model
+
+HUB_MODELS = (
+    "facebook/sam2.1-hiera-tiny",
+    "facebook/sam2.1-hiera-small",
+    "facebook/sam2.1-hiera-base-plus",
+    "facebook/sam2.1-hiera-large",
+)
+TINY_RANDOM = "tiny-random"
+TINY_RANDOM_SEED = 0
+
+
+def tiny_random_config() -> Sam2Config:
+    """Build the ~1.5M-parameter, 256-px SAM2 configuration used by tests and offline dry runs.
+
+    It keeps every structural feature of the real models: four Hiera stages with stage-change blocks (which have a
+    block-level `proj`), windowed and global attention, a three-level FPN neck and the two-way mask decoder.
+    """
+    hidden = 64
+    return Sam2Config(
+        vision_config=dict(
+            backbone_config=dict(
+                model_type="sam2_hiera_det_model",
+                image_size=[256, 256],
+                hidden_size=24,
+                embed_dim_per_stage=[24, 48, 96, 192],
+                num_attention_heads_per_stage=[1, 2, 4, 8],
+                blocks_per_stage=[1, 2, 3, 2],
+                window_size_per_stage=[8, 4, 8, 4],
+                global_attention_blocks=[4, 7],
+            ),
+            backbone_channel_list=[192, 96, 48, 24],
+            backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]],
+            fpn_hidden_size=hidden,
+        ),
+        prompt_encoder_config=dict(hidden_size=hidden, image_size=256, patch_size=16),
+        mask_decoder_config=dict(hidden_size=hidden, mlp_dim=256, num_attention_heads=4, iou_head_hidden_dim=64),
+    )
+
+
+class ModelLoadError(OSError):
+    """Raised when no weights could be found for the requested model."""
+
+
+def load_sam2(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    sam2_config: str | None = None,
+) -> Sam2Model:
+    """Load a SAM2 model as a transformers `Sam2Model`.
+
+    Args:
+        name_or_path: a Hub id (e.g. `facebook/sam2.1-hiera-tiny`), a local Hugging Face model folder, an official
+            sam2 checkpoint (`*.pt`), or `tiny-random` (a deterministic random 256-px model for tests and dry runs).
+        revision: Hub branch, tag or commit to pin.
+        dtype: parameter dtype (default: float32).
+        device: where to put the model (default: CPU).
+        sam2_config: for `*.pt` checkpoints, the official config name (`sam2.1_hiera_t`, ...) or YAML path; guessed
+            from the file name when omitted.
+
+    Returns:
+        The model in eval mode; `model.config._name_or_path` records where it came from.
+
+    Example:
+        >>> model = load_sam2("tiny-random")
+        >>> model.config.prompt_encoder_config.image_size
+        256
+    """
+    name = str(name_or_path)
+    if name == TINY_RANDOM:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_RANDOM_SEED)
+            model = Sam2Model(tiny_random_config())
+        model.config._name_or_path = TINY_RANDOM
+    elif name.endswith(".pt"):
+        from sam2_peft.export import load_official_checkpoint
+
+        model = load_official_checkpoint(name, sam2_config)
+    else:
+        model = _from_pretrained(name, revision)
+    if dtype is not None:
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def _from_pretrained(name: str, revision: str | None) -> Sam2Model:
+    path = Path(name)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"{name!r} is a folder but has no config.json; save one with `model.save_pretrained(dir)`")
+    try:
+        return Sam2Model.from_pretrained(name, revision=revision)
+    except OSError as err:
+        if path.exists():
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+        raise ModelLoadError(
+            f"Could not load SAM2 weights for {name!r} (revision={revision!r}). Tried: a local folder of that name "
+            f"(none), the Hugging Face cache and the Hub ({'offline mode' if offline else 'unreachable or unknown id'})."
+            " Ways out: pass a local model folder (`model.save_pretrained(dir)` on a machine with access), prefill "
+            "the cache (`huggingface-cli download <id>`) and set HF_HUB_OFFLINE=1, load an official checkpoint "
+            f"(`*.pt`), or use `{TINY_RANDOM}` for a dry run. Known ids: {', '.join(HUB_MODELS)}. Cause: {err}"
+        ) from err
+
+
+def build_image_processor(model: Sam2Model) -> Sam2ImageProcessor:
+    """Build the `Sam2ImageProcessor` that matches `model`'s input size (ImageNet mean/std, square resize)."""
+    size = model.config.prompt_encoder_config.image_size
+    return Sam2ImageProcessor(size={"height": size, "width": size}, mask_size={"height": size // 4, "width": size // 4})
+
+
+def model_fingerprint(model: Sam2Model) -> str:
+    """Return a stable id for a plain model's configuration and weights: `sam2-<16 hex digits>`.
+
+    Used as `base_model_name_or_path` for bases that have no Hub id and as the feature-cache key; any change to the
+    configuration or to one weight changes it. Take it before adapters are attached.
+    """
+    digest = hashlib.sha256()
+    config = model.config.to_dict()
+    config.pop("_name_or_path", None)
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return f"sam2-{digest.hexdigest()[:16]}"
