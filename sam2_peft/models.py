@@ -31,7 +31,11 @@ def tiny_random_config() -> Sam2Config:
     block-level `proj`), windowed and global attention, a three-level FPN neck and the two-way mask decoder.
     """
     hidden = 64
+    # 5x the real models' init std: with 0.02 this small network's mask logits are ~1e-4, too flat for tests to tell
+    # a trained adapter from noise; with 0.1 they spread over about +-1.
+    init_std = 0.1
     return Sam2Config(
+        initializer_range=init_std,
         vision_config=dict(
             backbone_config=dict(
                 model_type="sam2_hiera_det_model",
@@ -42,10 +46,12 @@ def tiny_random_config() -> Sam2Config:
                 blocks_per_stage=[1, 2, 3, 2],
                 window_size_per_stage=[8, 4, 8, 4],
                 global_attention_blocks=[4, 7],
+                initializer_range=init_std,
             ),
             backbone_channel_list=[192, 96, 48, 24],
             backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]],
             fpn_hidden_size=hidden,
+            initializer_range=init_std,
         ),
         prompt_encoder_config=dict(hidden_size=hidden, image_size=256, patch_size=16),
         mask_decoder_config=dict(hidden_size=hidden, mlp_dim=256, num_attention_heads=4, iou_head_hidden_dim=64),
@@ -117,7 +123,8 @@ def _from_pretrained(name: str, revision: str | None) -> Sam2Model:
             f"(none), the Hugging Face cache and the Hub ({'offline mode' if offline else 'unreachable or unknown id'})."
             " Ways out: pass a local model folder (`model.save_pretrained(dir)` on a machine with access), prefill "
             "the cache (`huggingface-cli download <id>`) and set HF_HUB_OFFLINE=1, load an official checkpoint "
-            f"(`*.pt`), or use `{TINY_RANDOM}` for a dry run. Known ids: {', '.join(HUB_MODELS)}. Cause: {err}"
+            f"(`*.pt`), or use `{TINY_RANDOM}` for a dry run. Known ids: {', '.join(HUB_MODELS)}. "
+            f"Cause: {str(err).splitlines()[0]}"
         ) from err
 
 
@@ -127,6 +134,18 @@ def build_image_processor(model: Sam2Model) -> Sam2ImageProcessor:
     return Sam2ImageProcessor(size={"height": size, "width": size}, mask_size={"height": size // 4, "width": size // 4})
 
 
+# Config keys that record where or how a model was saved, not what it computes.
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"}
+
+
+def _architecture(config: dict) -> dict:
+    return {
+        key: _architecture(value) if isinstance(value, dict) else value
+        for key, value in config.items()
+        if key not in _VOLATILE_CONFIG_KEYS
+    }
+
+
 def model_fingerprint(model: Sam2Model) -> str:
     """Return a stable id for a plain model's configuration and weights: `sam2-<16 hex digits>`.
 
@@ -134,9 +153,7 @@ def model_fingerprint(model: Sam2Model) -> str:
     configuration or to one weight changes it. Take it before adapters are attached.
     """
     digest = hashlib.sha256()
-    config = model.config.to_dict()
-    config.pop("_name_or_path", None)
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(_architecture(model.config.to_dict()), sort_keys=True, default=str).encode())
     for key, tensor in sorted(model.state_dict().items()):
         digest.update(key.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

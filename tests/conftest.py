@@ -1,0 +1,29 @@
+"""Shared fixtures: the tiny random SAM2 and a small batch of prompted objects."""
+
+import pytest
+import torch
+
+from sam2_peft.models import load_sam2
+from sam2_peft.segmenter import combine_prompts
+
+
+@pytest.fixture
+def tiny_model():
+    """A fresh deterministic ~1.5M-parameter Sam2Model at 256 px."""
+    return load_sam2("tiny-random")
+
+
+@pytest.fixture
+def tiny_batch():
+    """Two images with three objects (two on image 0): boxes plus one positive click each."""
+    generator = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(2, 3, 256, 256, generator=generator)
+    boxes = torch.tensor([[10.0, 20.0, 100.0, 120.0], [50.0, 50.0, 200.0, 210.0], [5.0, 6.0, 70.0, 80.0]])
+    clicks = torch.tensor([[[55.0, 70.0]], [[120.0, 130.0]], [[30.0, 40.0]]])
+    coords, labels = combine_prompts(boxes=boxes, points=clicks, point_labels=torch.ones(3, 1, dtype=torch.long))
+    return {
+        "pixel_values": pixel_values,
+        "image_index": torch.tensor([0, 0, 1]),
+        "point_coords": coords,
+        "point_labels": labels,
+    }

@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from sam2_peft.segmenter import PADDING, Sam2Segmenter, combine_prompts
+
+
+def test_matches_sam2model_forward_for_boxes(tiny_model):
+    # Sam2Model.forward needs the same number of boxes per image: two each, so both paths can run.
+    pixel_values = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    boxes = torch.tensor([[[10.0, 20, 100, 120], [50, 50, 200, 210]], [[5.0, 6, 70, 80], [100, 100, 250, 250]]])
+    with torch.no_grad():
+        reference = tiny_model(pixel_values=pixel_values, input_boxes=boxes)
+        coords, labels = combine_prompts(boxes=boxes.reshape(-1, 4))
+        ours = Sam2Segmenter(tiny_model)(
+            pixel_values, image_index=torch.tensor([0, 0, 1, 1]), point_coords=coords, point_labels=labels
+        )
+    torch.testing.assert_close(ours.mask_logits, reference.pred_masks.reshape(4, 3, 64, 64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.iou_scores, reference.iou_scores.reshape(4, 3), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.object_score_logits, reference.object_score_logits.reshape(4, 1), rtol=0, atol=1e-6)
+
+
+def test_matches_sam2model_forward_for_points_and_mask_prompt(tiny_model):
+    pixel_values = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    points = torch.tensor([[[30.0, 40], [60, 60]], [[200.0, 10], [90, 150]]])
+    labels = torch.tensor([[1, 0], [1, 1]])
+    mask_inputs = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = tiny_model(
+            pixel_values=pixel_values,
+            input_points=points.unsqueeze(1),
+            input_labels=labels.unsqueeze(1),
+            input_masks=mask_inputs,
+            multimask_output=False,
+        )
+        ours = Sam2Segmenter(tiny_model)(
+            pixel_values,
+            image_index=torch.tensor([0, 1]),
+            point_coords=points,
+            point_labels=labels,
+            mask_inputs=mask_inputs,
+            multimask_output=False,
+        )
+    assert ours.mask_logits.shape == (2, 1, 64, 64)
+    torch.testing.assert_close(ours.mask_logits, reference.pred_masks[:, 0], rtol=0, atol=1e-6)
+
+
+def test_objects_are_independent_of_their_batch_neighbours(tiny_model, tiny_batch):
+    segmenter = Sam2Segmenter(tiny_model)
+    with torch.no_grad():
+        batched = segmenter(**tiny_batch)
+        alone = segmenter(
+            tiny_batch["pixel_values"][1:],
+            image_index=torch.tensor([0]),
+            point_coords=tiny_batch["point_coords"][2:],
+            point_labels=tiny_batch["point_labels"][2:],
+        )
+    assert batched.mask_logits.shape == (3, 3, 64, 64)
+    assert batched.iou_scores.shape == (3, 3) and batched.object_score_logits.shape == (3, 1)
+    torch.testing.assert_close(batched.mask_logits[2:], alone.mask_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_image_features_give_the_same_outputs(tiny_model, tiny_batch):
+    segmenter = Sam2Segmenter(tiny_model)
+    with torch.no_grad():
+        direct = segmenter(**tiny_batch)
+        features = segmenter.encode_images(tiny_batch["pixel_values"])
+        prompts = {k: v for k, v in tiny_batch.items() if k != "pixel_values"}
+        cached = segmenter(image_features=features, **prompts)
+    assert [tuple(f.shape) for f in features] == [(2, 64, 64, 64), (2, 64, 32, 32), (2, 64, 16, 16)]
+    torch.testing.assert_close(cached.mask_logits, direct.mask_logits, rtol=0, atol=0)
+
+
+def test_combine_prompts_layout():
+    coords, labels = combine_prompts(
+        boxes=torch.tensor([[1.0, 2, 3, 4]]), points=torch.tensor([[[5.0, 6]]]), point_labels=torch.tensor([[PADDING]])
+    )
+    assert coords.tolist() == [[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]]
+    assert labels.tolist() == [[2, 3, PADDING]]
+
+
+def test_errors(tiny_model, tiny_batch):
+    segmenter = Sam2Segmenter(tiny_model)
+    prompts = {k: v for k, v in tiny_batch.items() if k != "pixel_values"}
+    with pytest.raises(ValueError, match="exactly one of `pixel_values` or `image_features`"):
+        segmenter(**prompts)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        combine_prompts()
+    with pytest.raises(ValueError, match="`point_labels` must have shape"):
+        combine_prompts(points=torch.zeros(2, 3, 2), point_labels=torch.zeros(2, 2))
+    with pytest.raises(TypeError, match="Expected a Sam2Model"):
+        Sam2Segmenter(torch.nn.Linear(2, 2))
