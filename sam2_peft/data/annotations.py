@@ -1,0 +1,148 @@
+"""Sources that need converting into label maps: COCO instance annotations and NIfTI volumes.
+
+COCO polygons and RLE become one instance label map per image (1..n in annotation order, later annotations on
+top where they overlap; crowd regions are kept as objects). NIfTI image + label volumes become 2-D slices along
+one axis; slices without any label are skipped and their number is recorded on the dataset (`skipped_counts`).
+Converted cells are stored as lossless TIFF bytes, so int16 CT values and float intensities survive unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from sam2_peft.data.io import DataError, encode_array
+
+logger = logging.getLogger(__name__)
+
+
+def load_coco(path: str | os.PathLike, *, image_dir: str | os.PathLike | None = None) -> datasets.Dataset:
+    """Load COCO instance annotations as rows of image paths and instance label maps.
+
+    Args:
+        path: the annotation file (`instances_*.json`).
+        image_dir: the folder `file_name`s are relative to (default: `images/` next to the json if present, else the
+            json's folder).
+
+    Example:
+        >>> rows = load_coco("annotations/instances_val.json")
+    """
+    from pycocotools import mask as mask_utils
+
+    path = Path(path)
+    try:
+        coco = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: cannot be read as COCO json ({err}).") from err
+    for key in ("images", "annotations"):
+        if key not in coco:
+            raise DataError(f"{path} has no {key!r} list; is it a COCO instances file (instances_*.json)?")
+    if image_dir is None:
+        image_dir = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
+    image_dir = Path(image_dir)
+
+    per_image: dict[int, list[dict]] = {}
+    for ann in coco["annotations"]:
+        per_image.setdefault(ann["image_id"], []).append(ann)
+    images, masks, ids = [], [], []
+    for info in coco["images"]:
+        height, width = int(info["height"]), int(info["width"])
+        labels = np.zeros((height, width), np.uint32)
+        for number, ann in enumerate(per_image.get(info["id"], []), start=1):
+            segmentation = ann.get("segmentation")
+            if not segmentation:
+                raise DataError(f"{path}: annotation id={ann.get('id')} of image {info['file_name']} has no segmentation.")
+            if isinstance(segmentation, list):  # polygons: one object may have several parts
+                rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+            elif isinstance(segmentation["counts"], list):  # uncompressed RLE
+                rle = mask_utils.frPyObjects(segmentation, height, width)
+            else:
+                rle = segmentation
+            labels[mask_utils.decode(rle).astype(bool)] = number
+        image_path = image_dir / info["file_name"]
+        if not image_path.is_file():
+            raise DataError(
+                f"{path}: image {info['file_name']!r} not found in {image_dir}; pass `coco_image_dir=` with the folder "
+                "that holds the images."
+            )
+        images.append({"path": str(image_path), "bytes": None})
+        masks.append(encode_array(labels))
+        ids.append(Path(info["file_name"]).stem)
+    if not images:
+        raise DataError(f"{path} lists no images.")
+    return _dataset(images, masks, ids, {})
+
+
+def slice_nifti_pairs(pairs: list[tuple[str, Path, Path]], *, axis: int = 2) -> datasets.Dataset:
+    """Cut NIfTI image + label volumes into 2-D slices along `axis`, skipping (and counting) unlabelled slices.
+
+    Args:
+        pairs: `(stem, image_path, label_path)` for each volume.
+        axis: 0, 1 or 2, in the volume's voxel order (2 = axial for RAS-oriented scans).
+    """
+    import nibabel
+
+    if axis not in (0, 1, 2):
+        raise DataError(f"nifti_axis={axis} must be 0, 1 or 2.")
+    images, masks, ids = [], [], []
+    empty = 0
+    for stem, image_path, label_path in pairs:
+        volume = _read_volume(nibabel, image_path)
+        labels = _read_volume(nibabel, label_path)
+        if volume.shape != labels.shape:
+            raise DataError(
+                f"{image_path} has shape {volume.shape} but its labels {label_path} have {labels.shape}; they must be "
+                "voxel-aligned (resample the labels onto the image grid)."
+            )
+        for index in range(volume.shape[axis]):
+            label_slice = np.take(labels, index, axis=axis)
+            if not label_slice.any():
+                empty += 1
+                continue
+            images.append(encode_array(np.take(volume, index, axis=axis)))
+            masks.append(encode_array(label_slice))
+            ids.append(f"{stem}/{axis}:{index}")
+    if empty:
+        logger.info("NIfTI: skipped %d slice(s) without labels along axis %d.", empty, axis)
+    if not images:
+        raise DataError(f"No NIfTI slice along axis {axis} has any label ({empty} empty slices); check the label files.")
+    return _dataset(images, masks, ids, {"empty slices (NIfTI)": empty})
+
+
+def _read_volume(nibabel, path: Path) -> np.ndarray:
+    try:
+        # dataobj keeps the stored dtype (e.g. int16 CT) unless the header asks for scaling.
+        volume = np.asanyarray(nibabel.load(str(path)).dataobj)
+    except Exception as err:  # nibabel raises a zoo of types for corrupt files
+        raise DataError(f"{path}: cannot be read as NIfTI ({type(err).__name__}: {err}); re-export it.") from err
+    if volume.ndim != 3:
+        raise DataError(
+            f"{path} has {volume.ndim} dimensions {volume.shape}; expected a 3-D volume. Split multi-channel (4-D) "
+            "volumes into one file per channel."
+        )
+    return volume
+
+
+def _dataset(images: list, masks: list, ids: list[str], skipped: dict[str, int]) -> datasets.Dataset:
+    from sam2_peft.data.sources import row_features
+
+    features = row_features()
+    info = datasets.DatasetInfo(description=json.dumps({"sam2_peft_skipped": skipped}), features=features)
+    return datasets.Dataset.from_dict(
+        {"image": images, "mask": masks, "image_id": ids, "domain": [None] * len(ids)},
+        features=features,
+        info=info,
+    )
+
+
+def skipped_counts(dataset: datasets.Dataset) -> dict[str, int]:
+    """Return what a converting source skipped while building `dataset` (e.g. empty NIfTI slices), by reason."""
+    try:
+        return dict(json.loads(dataset.info.description or "{}").get("sam2_peft_skipped", {}))
+    except (json.JSONDecodeError, AttributeError):
+        return {}

@@ -1,0 +1,187 @@
+"""Decode image and mask cells into numpy arrays, and check that they make sense.
+
+Every source stores its cells the same way (a path, encoded bytes, a PIL image or an array), so this is the one
+place that turns them into arrays and the one place that says what is wrong with them. TIFF goes through
+`tifffile` because PIL cannot read multi-channel 16-bit or float TIFFs.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import tifffile
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+MASK_SUFFIXES = (".png", ".tif", ".tiff")
+MASK_TYPES = ("instance", "semantic")
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+class DataError(ValueError):
+    """Raised for input data that cannot be used as it is; the message names the file or column and the fix."""
+
+
+def read_file(path: str | Path) -> np.ndarray:
+    """Read an image or mask file into an array with its stored dtype (8/16-bit, float) and channels.
+
+    Raises:
+        DataError: the file is missing, unreadable or corrupt.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; check the path or remove the row that refers to it.")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return np.asarray(tifffile.imread(path))
+        with PIL.Image.open(path) as image:
+            return _pil_to_array(image)
+    except (OSError, ValueError, SyntaxError, tifffile.TiffFileError) as err:
+        raise DataError(f"{path}: cannot be read as an image ({err}); re-export it or remove it.") from err
+
+
+def encode_array(array: np.ndarray) -> dict[str, Any]:
+    """Encode an array losslessly (any dtype) as a `datasets.Image(decode=False)` cell: TIFF bytes."""
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.ascontiguousarray(array))
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def decode_cell(value: Any, *, what: str) -> np.ndarray:
+    """Turn one `image` or `mask` cell into a numpy array.
+
+    Args:
+        value: a path, a `{"bytes", "path"}` dict (`datasets.Image(decode=False)`), a PIL image, an array, a tensor
+            or nested lists.
+        what: how to name the cell in errors, e.g. `"row 3 of column 'mask'"`.
+    """
+    if value is None:
+        raise DataError(f"{what} is empty (None); every row needs an image and a mask.")
+    if isinstance(value, (str, Path)):
+        return read_file(value)
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return _decode_bytes(value["bytes"], what=f"{what} ({value.get('path') or 'embedded bytes'})")
+        if value.get("path"):
+            return read_file(value["path"])
+        raise DataError(f"{what} has neither bytes nor a path.")
+    if isinstance(value, PIL.Image.Image):
+        return _pil_to_array(value)
+    if hasattr(value, "numpy"):
+        return value.detach().cpu().numpy() if hasattr(value, "detach") else value.numpy()
+    return np.asarray(value)
+
+
+def _decode_bytes(data: bytes, *, what: str) -> np.ndarray:
+    try:
+        if data[:4] in _TIFF_MAGIC:
+            return np.asarray(tifffile.imread(io.BytesIO(data)))
+        with PIL.Image.open(io.BytesIO(data)) as image:
+            return _pil_to_array(image)
+    except (OSError, ValueError, SyntaxError, tifffile.TiffFileError) as err:
+        raise DataError(f"{what}: cannot be decoded as an image ({err}); re-export it or drop that row.") from err
+
+
+def _pil_to_array(image: PIL.Image.Image) -> np.ndarray:
+    # Palette ("P") images keep their indices: for masks they are the labels (as in Pascal VOC).
+    if image.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        image = image.convert("RGB")
+    return np.array(image)
+
+
+def to_hwc(image: np.ndarray, *, what: str) -> np.ndarray:
+    """Return the image as (H, W, C) with C in {1, 3, 4}; channel-first TIFFs are transposed."""
+    if image.ndim == 2:
+        return image[:, :, None]
+    if image.ndim == 3:
+        if image.shape[-1] in (1, 3, 4):
+            return image
+        if image.shape[0] in (1, 3, 4):
+            return np.moveaxis(image, 0, -1)
+    raise DataError(
+        f"{what} has shape {image.shape}; expected (H, W) grayscale or (H, W, C) with 1, 3 or 4 channels. "
+        "For volumes, use a NIfTI source (it slices them); for other channel counts, convert to RGB first."
+    )
+
+
+def to_label_map(mask: np.ndarray, *, what: str) -> np.ndarray:
+    """Return a mask as an (H, W) int64 label map, or raise if its values cannot be labels.
+
+    Accepted: integer or bool maps; float maps whose values are all whole numbers (as NIfTI labels are stored);
+    (H, W, C) maps whose channels are all equal (a label map saved as RGB).
+    """
+    if mask.ndim == 3 and mask.shape[-1] in (1, 3, 4):
+        channels = mask[..., :3] if mask.shape[-1] == 4 else mask
+        if not (channels == channels[..., :1]).all():
+            raise DataError(
+                f"{what} has {mask.shape[-1]} channels with different values (a colour-coded mask?). Convert it to "
+                "a single-channel label map: 0 = background, 1, 2, ... = objects or classes."
+            )
+        mask = mask[..., 0]
+    if mask.ndim != 2:
+        raise DataError(f"{what} has shape {mask.shape}; a mask must be an (H, W) label map.")
+    if mask.dtype == bool:
+        return mask.astype(np.int64)
+    if np.issubdtype(mask.dtype, np.floating):
+        if not np.isfinite(mask).all() or not (mask == np.round(mask)).all():
+            raise DataError(
+                f"{what} is a float mask with fractional values (range {np.nanmin(mask):.3g}..{np.nanmax(mask):.3g}): "
+                "a probability or soft mask, not a label map. Threshold it (e.g. `mask > 0.5`) and save integer "
+                "labels (0 = background)."
+            )
+    elif not np.issubdtype(mask.dtype, np.integer):
+        raise DataError(f"{what} has dtype {mask.dtype}; masks must hold integer labels.")
+    labels = mask.astype(np.int64)
+    if labels.size and labels.min() < 0:
+        raise DataError(
+            f"{what} has negative values (min {labels.min()}); labels must be 0 (background) or positive ids."
+        )
+    return labels
+
+
+def check_mask_values(labels: np.ndarray, *, mask_type: str, num_classes: int | None, what: str) -> None:
+    """Raise if a label map does not fit `mask_type` (and `num_classes` for semantic maps)."""
+    if mask_type not in MASK_TYPES:
+        raise DataError(f"mask_type={mask_type!r} is not supported; use one of {MASK_TYPES}.")
+    if mask_type == "semantic" and num_classes is not None and labels.size and labels.max() > num_classes:
+        raise DataError(
+            f"{what} has class id {labels.max()} but num_classes={num_classes} (ids 1..{num_classes}). Raise "
+            "`num_classes`, or use mask_type='instance' if the values are instance ids."
+        )
+
+
+def check_same_size(image: np.ndarray, labels: np.ndarray, *, what: str) -> None:
+    """Raise if the image (H, W, C) and its label map (H, W) differ in size."""
+    if image.shape[:2] != labels.shape:
+        raise DataError(
+            f"{what}: image is {image.shape[0]}x{image.shape[1]} (HxW) but its mask is "
+            f"{labels.shape[0]}x{labels.shape[1]}. Masks must be pixel-aligned with their images; re-export the mask "
+            "at the image's size (nearest-neighbour resize if you must)."
+        )
+
+
+def _cell_path(cell: Any) -> str | None:
+    if isinstance(cell, (str, Path)):
+        return str(cell)
+    return cell.get("path") if isinstance(cell, dict) else None
+
+
+def decode_row(
+    row: dict[str, Any], *, where: str, mask_type: str = "instance", num_classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode and check one source row: returns the (H, W, C) image and its (H, W) int64 label map.
+
+    Args:
+        row: a row with `image` and `mask` cells (and `image_id`).
+        where: how to name the row in errors, e.g. `"split 'train', row 3"`.
+    """
+    name = ", ".join(str(part) for part in (where, row.get("image_id"), _cell_path(row["image"])) if part)
+    image = to_hwc(decode_cell(row["image"], what=f"{name}, column 'image'"), what=f"{name}, column 'image'")
+    what = f"{name}, column 'mask'"
+    labels = to_label_map(decode_cell(row["mask"], what=what), what=what)
+    check_same_size(image, labels, what=name)
+    check_mask_values(labels, mask_type=mask_type, num_classes=num_classes, what=what)
+    return image, labels

@@ -1,0 +1,268 @@
+"""Load any supported source as a `datasets.DatasetDict` with `image` and `mask` columns (and `domain`, `image_id`).
+
+    from sam2_peft.data import load_source
+    splits = load_source("examples/data")                 # image/mask folder, with or without train/ val/ test/
+    splits = load_source("user/some-dataset", image_column="img", mask_column="label")   # Hub or HF cache
+    splits = load_source("saved_dataset_dir")             # datasets' save_to_disk output
+    splits = load_source("annotations.json")              # COCO instances (polygons and RLE)
+    splits = load_source("volumes_dir")                   # the folder layout with .nii/.nii.gz files
+
+Split names are normalised to `train`, `val` and `test`. A source without a validation split gets one cut from
+`train` with a seeded fraction (`val_fraction`), so every run on the same data validates on the same images.
+Image and mask cells are kept undecoded (`datasets.Image(decode=False)`: paths or bytes): the training dataset
+decodes them itself so that 16-bit and float images never pass through an 8-bit conversion.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from sam2_peft.data.io import IMAGE_SUFFIXES, MASK_SUFFIXES, DataError
+
+SPLITS = ("train", "val", "test")
+VAL_SPLIT_NAMES = ("validation", "val", "valid", "dev")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def load_source(
+    data: str | os.PathLike | datasets.Dataset | datasets.DatasetDict,
+    *,
+    image_column: str = "image",
+    mask_column: str = "mask",
+    domain_column: str | None = None,
+    train_split: str = "train",
+    val_split: str | None = None,
+    test_split: str = "test",
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    revision: str | None = None,
+    coco_image_dir: str | os.PathLike | None = None,
+    nifti_axis: int = 2,
+) -> datasets.DatasetDict:
+    """Load `data` as splits with the columns `image`, `mask`, `image_id` and `domain`.
+
+    Args:
+        data: an image/mask folder, a folder written by `save_to_disk`, a COCO `.json` file, a folder of NIfTI
+            volumes in the image/mask layout, an in-memory `Dataset`/`DatasetDict`, or a Hub dataset id (loaded with
+            `datasets.load_dataset`, which also finds it in the HF cache when `HF_HUB_OFFLINE=1`).
+        image_column: column holding images in a `datasets` source.
+        mask_column: column holding label maps in a `datasets` source.
+        domain_column: optional column naming each row's domain (e.g. scanner or site), reported per domain.
+        train_split: name of the training split in a `datasets` source.
+        val_split: name of its validation split (default: the first of validation/val/valid/dev present).
+        test_split: name of its test split.
+        val_fraction: fraction of `train` held out as `val` when the source has no validation split (0 for none).
+        seed: seed of that hold-out.
+        revision: dataset revision for Hub ids.
+        coco_image_dir: folder the COCO `file_name`s are relative to (default: `images/` next to the json, else the
+            json's folder).
+        nifti_axis: axis along which NIfTI volumes are cut into 2-D slices (2 = axial for RAS volumes).
+
+    Returns:
+        A `DatasetDict` with some of the splits `train`, `val`, `test`.
+
+    Example:
+        >>> splits = load_source("examples/data")
+        >>> sorted(splits)
+        ['train', 'val']
+    """
+    if isinstance(data, (datasets.Dataset, datasets.DatasetDict)):
+        splits = _from_datasets(data, image_column, mask_column, domain_column, train_split, val_split, test_split)
+    else:
+        path = Path(data)
+        if path.is_file() and path.suffix.lower() == ".json":
+            from sam2_peft.data.annotations import load_coco
+
+            splits = datasets.DatasetDict(train=load_coco(path, image_dir=coco_image_dir))
+        elif path.is_dir() and _is_saved_dataset(path):
+            loaded = datasets.load_from_disk(str(path))
+            splits = _from_datasets(loaded, image_column, mask_column, domain_column, train_split, val_split, test_split)
+        elif path.is_dir() and _is_folder_layout(path):
+            splits = load_folder(path, nifti_axis=nifti_axis)
+        elif path.exists():
+            raise DataError(
+                f"{path} is neither an image/mask folder (images/ and masks/, optionally under train/ val/ test/), a "
+                "folder written by `Dataset.save_to_disk`, nor a COCO .json file. See the folder layout in the README."
+            )
+        else:
+            loaded = _load_hub(str(data), revision)
+            splits = _from_datasets(loaded, image_column, mask_column, domain_column, train_split, val_split, test_split)
+    return _hold_out_val(splits, val_fraction, seed)
+
+
+def load_folder(root: str | os.PathLike, *, nifti_axis: int = 2) -> datasets.DatasetDict:
+    """Load the image/mask folder layout: `root/images/<stem>.*` + `root/masks/<stem>.*`, or per split subfolders.
+
+    NIfTI volumes (`.nii`, `.nii.gz`) in the same layout are sliced along `nifti_axis`.
+    """
+    root = Path(root)
+    present = [s for s in SPLITS if _has_pairs_layout(root / s)]
+    if _has_pairs_layout(root):
+        if present:
+            raise DataError(
+                f"{root} has both images/ + masks/ and split subfolders ({', '.join(present)}/); keep one layout."
+            )
+        return datasets.DatasetDict(train=_folder_split(root, nifti_axis))
+    if not present:
+        raise DataError(f"{root} has no images/ and masks/ folders, at the top or under {', '.join(SPLITS)}/.")
+    return datasets.DatasetDict({split: _folder_split(root / split, nifti_axis) for split in present})
+
+
+def _folder_split(folder: Path, nifti_axis: int) -> datasets.Dataset:
+    images = _index_files(folder / "images", IMAGE_SUFFIXES + NIFTI_SUFFIXES)
+    masks = _index_files(folder / "masks", MASK_SUFFIXES + NIFTI_SUFFIXES)
+    if not images:
+        raise DataError(
+            f"{folder / 'images'} holds no images ({', '.join(IMAGE_SUFFIXES + NIFTI_SUFFIXES)}); add images or point "
+            "`data` at another folder."
+        )
+    missing = sorted(set(images) - set(masks))
+    if missing:
+        raise DataError(
+            f"{len(missing)} image(s) in {folder / 'images'} have no mask in {folder / 'masks'} with the same stem, "
+            f"e.g. {images[missing[0]].name} (expected masks/{missing[0]}.png or .tif). Add the masks or move those "
+            "images out."
+        )
+    orphans = sorted(set(masks) - set(images))
+    if orphans:
+        raise DataError(
+            f"{len(orphans)} mask(s) in {folder / 'masks'} have no image with the same stem, e.g. "
+            f"{masks[orphans[0]].name}. Rename them to match their images or remove them."
+        )
+    stems = sorted(images)
+    if any(_is_nifti(images[s]) for s in stems):
+        from sam2_peft.data.annotations import slice_nifti_pairs
+
+        return slice_nifti_pairs([(s, images[s], masks[s]) for s in stems], axis=nifti_axis)
+    return datasets.Dataset.from_dict(
+        {
+            "image": [{"path": str(images[s]), "bytes": None} for s in stems],
+            "mask": [{"path": str(masks[s]), "bytes": None} for s in stems],
+            "image_id": stems,
+            "domain": [None] * len(stems),
+        },
+        features=row_features(),
+    )
+
+
+def row_features() -> datasets.Features:
+    """The columns every source produces; cells stay undecoded so that no 8-bit conversion happens."""
+    return datasets.Features(
+        image=datasets.Image(decode=False),
+        mask=datasets.Image(decode=False),
+        image_id=datasets.Value("string"),
+        domain=datasets.Value("string"),
+    )
+
+
+def _index_files(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    if not folder.is_dir():
+        return files
+    for path in sorted(folder.iterdir()):
+        name = path.name.lower()
+        suffix = next((s for s in suffixes if name.endswith(s)), None)
+        if suffix is None or not path.is_file():
+            continue
+        stem = path.name[: -len(suffix)]
+        if stem in files:
+            raise DataError(f"{folder} has two files with the stem {stem!r} ({files[stem].name}, {path.name}); keep one.")
+        files[stem] = path
+    return files
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _has_pairs_layout(folder: Path) -> bool:
+    return (folder / "images").is_dir() or (folder / "masks").is_dir()
+
+
+def _is_folder_layout(folder: Path) -> bool:
+    return _has_pairs_layout(folder) or any((folder / s).is_dir() for s in SPLITS)
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _load_hub(repo_id: str, revision: str | None) -> datasets.DatasetDict:
+    try:
+        return datasets.load_dataset(repo_id, revision=revision)
+    except (FileNotFoundError, ConnectionError, ValueError) as err:
+        raise DataError(
+            f"data={repo_id!r} is not a local folder or file, and `datasets.load_dataset` could not load it as a Hub "
+            "dataset (unknown id, no network, or not in the HF cache). Pass a local folder, a `save_to_disk` folder, "
+            f"or prefill the cache and set HF_HUB_OFFLINE=1. Cause: {err}"
+        ) from err
+
+
+def _from_datasets(
+    data: datasets.Dataset | datasets.DatasetDict,
+    image_column: str,
+    mask_column: str,
+    domain_column: str | None,
+    train_split: str,
+    val_split: str | None,
+    test_split: str,
+) -> datasets.DatasetDict:
+    if isinstance(data, datasets.Dataset):
+        data = datasets.DatasetDict({train_split: data})
+    names = {train_split: "train", test_split: "test"}
+    val_names = (val_split,) if val_split else VAL_SPLIT_NAMES
+    val_name = next((n for n in val_names if n in data), None)
+    if val_split and val_name is None:
+        raise DataError(f"val_split={val_split!r} is not a split of this dataset (splits: {sorted(data)}).")
+    if val_name:
+        names[val_name] = "val"
+    if train_split not in data:
+        raise DataError(
+            f"train_split={train_split!r} is not a split of this dataset (splits: {sorted(data)}); pass "
+            "`train_split=` with one of them."
+        )
+    return datasets.DatasetDict(
+        {ours: _standard_columns(data[theirs], theirs, image_column, mask_column, domain_column)
+         for theirs, ours in names.items() if theirs in data}
+    )
+
+
+def _standard_columns(
+    split: datasets.Dataset, name: str, image_column: str, mask_column: str, domain_column: str | None
+) -> datasets.Dataset:
+    for flag, column in (("image_column", image_column), ("mask_column", mask_column), ("domain_column", domain_column)):
+        if column is not None and column not in split.column_names:
+            raise DataError(
+                f"{flag}={column!r} is not a column of split {name!r} (columns: {split.column_names}); pass "
+                f"`{flag}=` with the right name."
+            )
+    # Undecoded cells keep 16-bit and float images exact; arrays (Array2D, nested lists) are decoded later anyway.
+    for column in (image_column, mask_column):
+        if isinstance(split.features[column], datasets.Image):
+            split = split.cast_column(column, datasets.Image(decode=False))
+    columns: dict[str, Any] = {image_column: "image", mask_column: "mask"}
+    if domain_column:
+        columns[domain_column] = "domain"
+    keep = [c for c in split.column_names if c in columns]
+    split = split.select_columns(keep)
+    split = split.rename_columns({c: columns[c] for c in keep if columns[c] != c})
+    if "domain" not in split.column_names:
+        split = split.add_column("domain", [None] * len(split))
+    else:
+        split = split.cast_column("domain", datasets.Value("string"))
+    return split.add_column("image_id", [f"{name}/{i}" for i in range(len(split))])
+
+
+def _hold_out_val(splits: datasets.DatasetDict, val_fraction: float, seed: int) -> datasets.DatasetDict:
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction={val_fraction} must be in [0, 1).")
+    if "val" in splits or "train" not in splits or val_fraction == 0.0 or len(splits["train"]) < 2:
+        return splits
+    held = splits["train"].train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
+    out = dict(splits)
+    out["train"], out["val"] = held["train"], held["test"]
+    return datasets.DatasetDict({s: out[s] for s in SPLITS if s in out})

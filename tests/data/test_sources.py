@@ -1,0 +1,143 @@
+"""Each source loads to the right rows, and each broken input names its file or column."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+from data_helpers import random_pair, write_pair
+
+from sam2_peft.data import DataError, decode_row, inspect_dataset, load_source
+
+
+def test_folder_with_splits(folder_with_splits):
+    splits = load_source(folder_with_splits)
+    assert sorted(splits) == ["train", "val"]
+    assert list(splits["train"]["image_id"]) == ["train0", "train1", "train2"]
+    image, labels = decode_row(splits["val"][1], where="val")
+    assert image.shape == (24, 24, 1) and image.dtype == np.uint8
+    assert sorted(np.unique(labels)) == [0, 1, 2]
+
+
+def test_folder_without_splits_holds_out_a_seeded_fraction(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        write_pair(tmp_path, f"im{i}", *random_pair(rng))
+    first = load_source(tmp_path, val_fraction=0.3, seed=1)
+    again = load_source(tmp_path, val_fraction=0.3, seed=1)
+    assert len(first["train"]) == 7 and len(first["val"]) == 3
+    assert list(first["val"]["image_id"]) == list(again["val"]["image_id"])
+    assert sorted(list(first["train"]["image_id"]) + list(first["val"]["image_id"])) == sorted(f"im{i}" for i in range(10))
+    assert sorted(load_source(tmp_path, val_fraction=0.0)) == ["train"]
+
+
+def test_saved_dataset_with_custom_columns(tmp_path):
+    rng = np.random.default_rng(0)
+    pairs = [random_pair(rng) for _ in range(3)]
+    rows = datasets.Dataset.from_dict(
+        {"img": [p[0] for p in pairs], "label": [p[1].astype(np.int32) for p in pairs], "site": ["a", "b", "a"]},
+    )
+    datasets.DatasetDict(train=rows, validation=rows.select([0])).save_to_disk(tmp_path / "saved")
+    splits = load_source(tmp_path / "saved", image_column="img", mask_column="label", domain_column="site")
+    assert sorted(splits) == ["train", "val"] and len(splits["val"]) == 1
+    assert list(splits["train"]["domain"]) == ["a", "b", "a"]
+    image, labels = decode_row(splits["train"][2], where="train")
+    np.testing.assert_array_equal(image[..., 0], pairs[2][0])
+    np.testing.assert_array_equal(labels, pairs[2][1])
+
+
+def test_image_feature_keeps_16_bit(tmp_path):
+    image = np.arange(24 * 24, dtype=np.uint16).reshape(24, 24) * 100
+    write_pair(tmp_path / "src", "a", image, np.ones((24, 24), np.uint8))
+    rows = datasets.Dataset.from_dict(
+        {"image": [str(tmp_path / "src/images/a.png")], "mask": [str(tmp_path / "src/masks/a.png")]},
+        features=datasets.Features(image=datasets.Image(), mask=datasets.Image()),
+    )
+    got, _ = decode_row(load_source(rows, val_fraction=0)["train"][0], where="row")
+    np.testing.assert_array_equal(got[..., 0], image)
+
+
+def test_coco_polygons_and_rle(tmp_path):
+    from pycocotools import mask as mask_utils
+
+    (tmp_path / "images").mkdir()
+    import PIL.Image
+
+    PIL.Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "images" / "a.png")
+    square = np.zeros((20, 30), np.uint8, order="F")
+    square[10:15, 20:28] = 1
+    rle = mask_utils.encode(square)
+    rle["counts"] = rle["counts"].decode()
+    coco = {
+        "images": [{"id": 7, "file_name": "a.png", "height": 20, "width": 30}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 1, "segmentation": [[2, 2, 8, 2, 8, 6, 2, 6]], "iscrowd": 0},
+            {"id": 2, "image_id": 7, "category_id": 1, "segmentation": rle, "iscrowd": 0},
+        ],
+        "categories": [{"id": 1, "name": "cell"}],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    splits = load_source(tmp_path / "instances.json", val_fraction=0)
+    _, labels = decode_row(splits["train"][0], where="coco")
+    np.testing.assert_array_equal(labels == 2, square.astype(bool))
+    ys, xs = np.nonzero(labels == 1)  # polygon (2,2)-(8,6): pycocotools rasterises its interior
+    assert 2 <= xs.min() and xs.max() <= 8 and 2 <= ys.min() and ys.max() <= 6 and len(xs) >= 20
+
+
+def test_nifti_slices_skip_and_count_empty(tmp_path):
+    import nibabel
+
+    volume = np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4) - 50
+    labels = np.zeros((6, 5, 4), np.uint8)
+    labels[1:3, 1:3, 1] = 1
+    labels[2:4, 0:2, 3] = 2
+    for folder, array in (("images", volume), ("masks", labels)):
+        (tmp_path / folder).mkdir()
+        nibabel.save(nibabel.Nifti1Image(array, np.eye(4)), tmp_path / folder / "ct.nii.gz")
+    splits = load_source(tmp_path, val_fraction=0, nifti_axis=2)
+    assert list(splits["train"]["image_id"]) == ["ct/2:1", "ct/2:3"]
+    image, got = decode_row(splits["train"][1], where="nifti")
+    np.testing.assert_array_equal(image[..., 0], volume[:, :, 3])  # int16 values survive
+    np.testing.assert_array_equal(got, labels[:, :, 3])
+    assert inspect_dataset(tmp_path, val_fraction=0).splits["train"].skipped == {"empty slices (NIfTI)": 2}
+
+
+def test_image_without_mask_names_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    write_pair(tmp_path, "a", *random_pair(rng))
+    (tmp_path / "masks" / "a.png").rename(tmp_path / "masks" / "b.png")
+    with pytest.raises(DataError, match=r"a\.png"):
+        load_source(tmp_path)
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(DataError, match="holds no images"):
+        load_source(tmp_path)
+
+
+def test_missing_column_names_it(tmp_path):
+    rows = datasets.Dataset.from_dict({"image": [np.zeros((4, 4), np.uint8)], "seg": [np.zeros((4, 4), np.uint8)]})
+    with pytest.raises(DataError, match="mask_column='mask'.*'seg'"):
+        load_source(rows)
+
+
+def test_corrupt_file_names_it(tmp_path):
+    rng = np.random.default_rng(0)
+    write_pair(tmp_path, "a", *random_pair(rng))
+    (tmp_path / "images" / "a.png").write_bytes(b"not a png")
+    splits = load_source(tmp_path, val_fraction=0)
+    with pytest.raises(DataError, match=r"images/a\.png.*cannot be read"):
+        inspect_dataset(splits)
+
+
+def test_report_counts(folder_with_splits):
+    report = inspect_dataset(folder_with_splits, min_object_area=50)
+    train = report.splits["train"]
+    # Rectangles of 6x7 = 42 px (too small) and 8x8 = 64 px in every image.
+    assert train.objects_per_row == [1, 1, 1]
+    assert train.skipped == {"objects under min_object_area": 3}
+    assert "train: 3 images, 3 usable, 3 objects" in str(report)
