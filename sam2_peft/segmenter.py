@@ -87,8 +87,13 @@ class Sam2Segmenter(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
+        base_sam2(model)
         self.model = model
-        self.sam = base_sam2(model)
+
+    @property
+    def sam(self) -> Sam2Model:
+        """The `Sam2Model` (inside the PeftModel, if any); a property so its weights are registered only once."""
+        return base_sam2(self.model)
 
     def encode_images(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Run the image encoder (Hiera trunk + FPN neck).

@@ -1,0 +1,200 @@
+"""The training configuration: one dataclass, read from YAML and overridden from the command line.
+
+    sam2-peft train --config recipes/configs/quickstart.yaml --max_steps 20 --output_dir runs/try
+    accelerate launch recipes/lora_medical.py --config recipes/configs/lora_medical.yaml --lora_r 16
+
+Every field is documented once, in its `help`, which `--help` prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+from sam2_peft.data.intensity import IntensityConfig
+from sam2_peft.strategies import NON_PEFT_STRATEGIES, PEFT_STRATEGIES
+
+# Learning rates that work for each strategy on SAM2 (the more of the network trains, the gentler the step).
+DEFAULT_LEARNING_RATES = {"decoder": 1e-4, "partial": 3e-5, "full": 1e-5, "peft": 1e-4}
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a fine-tuning run needs; see each field's help."""
+
+    # Model and strategy
+    model: str = _help("Hub id, local HF folder, official .pt checkpoint, or 'tiny-random'.", default="facebook/sam2.1-hiera-tiny")
+    revision: str | None = _help("Hub branch, tag or commit of `model` to pin.", default=None)
+    sam2_config: str | None = _help("Official config name for a .pt `model` (e.g. sam2.1_hiera_t); guessed if unset.", default=None)
+    strategy: str = _help("decoder | partial | full | lora | dora | another PEFT tuner name (loha, lokr, ia3, ...).", default="lora")
+    num_blocks: int | None = _help("partial: train the last N Hiera blocks (plus the decoder).", default=None)
+    targets: str = _help("PEFT target presets joined by '+': trunk.qkv, trunk.attn, trunk.mlp, trunk.all, decoder.attn, decoder.all.", default="trunk.qkv")
+    blocks: str | None = _help("Hiera blocks to adapt (PEFT) or train (partial): 'last:4', 'first:2' or '0,3,5'.", default=None)
+    lora_r: int = _help("Adapter rank: higher fits more, costs more memory and a bigger file.", default=8)
+    lora_alpha: float | None = _help("Adapter scale numerator (scale = alpha / r); default 2 * lora_r.", default=None)
+    lora_dropout: float = _help("Dropout on the adapter input; try 0.05-0.1 on very small datasets.", default=0.0)
+    decoder_mode: str = _help("PEFT strategies: the mask decoder is 'frozen', trained 'full' (modules_to_save) or gets an 'adapter'.", default="frozen")
+    train_prompt_encoder: bool = _help("decoder/partial: train the prompt encoder too.", default=False)
+    train_neck: bool = _help("partial: train the FPN neck too.", default=False)
+
+    # Data
+    data: str = _help("Image/mask folder, Hub dataset id, or a dataset saved with save_to_disk.", default="examples/data")
+    mask_type: str = _help("instance: every label value is one object; semantic: every value is one class.", default="instance")
+    image_column: str = _help("Image column of a `datasets` dataset.", default="image")
+    mask_column: str = _help("Mask column of a `datasets` dataset.", default="mask")
+    train_split: str = _help("Name of the training split.", default="train")
+    val_split: str | None = _help("Name of the validation split (default: validation, val, valid or dev); when there is none, `val_fraction` of train is held out.", default=None)
+    val_fraction: float = _help("Held-out fraction when the source has no validation split.", default=0.1)
+    intensity: str = _help("Intensity to [0, 1]: auto (8-bit /255, else 0.5-99.5 percentile clip), percentile, minmax, range.", default="auto")
+    ct_window: str | None = _help("CT window instead: abdomen, lung, bone, or 'level,width' (e.g. '40,400').", default=None)
+    keep_empty_images: bool = _help("Keep images without objects as negatives for the object-score head.", default=False)
+    augment: bool = _help("Joint augmentation (crop, flips, 90-degree rotations, intensity) on the training set.", default=True)
+    max_objects_per_image: int = _help("Cap on objects per image per step (a seeded random subset); bounds decoder memory.", default=8)
+    min_object_area: int = _help("Objects with fewer pixels are dropped (and counted).", default=16)
+    num_workers: int = _help("DataLoader worker processes.", default=0)
+
+    # Prompts
+    box_probability: float = _help("Chance that an object is prompted with a (jittered) box rather than clicks.", default=0.5)
+    box_jitter: float = _help("Box corner noise as a fraction of the box side.", default=0.1)
+    num_points: int = _help("Positive clicks for point-prompted objects.", default=1)
+    correction_rounds: int = _help("Extra rounds per step with a click sampled from the error of the previous prediction.", default=0)
+
+    # Optimisation
+    output_dir: str = _help("Where final/, metrics.json, checkpoints/ and plots go.", default="runs/sam2-peft")
+    max_steps: int | None = _help("Optimiser steps to run; overrides num_epochs when set.", default=None)
+    num_epochs: int = _help("Passes over the training set (when max_steps is unset).", default=10)
+    batch_size: int = _help("Images per device per step (each with up to max_objects_per_image objects).", default=4)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimiser step.", default=1)
+    learning_rate: float | None = _help("Peak learning rate; default per strategy: decoder 1e-4, partial 3e-5, full 1e-5, PEFT 1e-4.", default=None)
+    weight_decay: float = _help("AdamW weight decay.", default=1e-2)
+    warmup_ratio: float = _help("Fraction of the steps with linear warmup before the cosine decay.", default=0.05)
+    max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
+    mixed_precision: str = _help("no | bf16 | fp16 (GPU); passed to accelerate.", default="no")
+    seed: int = _help("Seed for weights, data order, augmentation and prompts.", default=42)
+    focal_weight: float = _help("Weight of the focal loss.", default=20.0)
+    dice_weight: float = _help("Weight of the dice loss.", default=1.0)
+    iou_weight: float = _help("Weight of the IoU-prediction loss.", default=1.0)
+    object_weight: float = _help("Weight of the object-score loss.", default=1.0)
+    max_nonfinite_steps: int = _help("Stop with an error after this many NaN/inf losses in a row (each is skipped).", default=5)
+
+    # Evaluation, checkpoints, logging
+    eval_steps: int | None = _help("Validate every N optimiser steps; default once per epoch.", default=None)
+    eval_metric: str = _help("Validation metric for early stopping and the best checkpoint: dice or iou.", default="dice")
+    early_stopping_patience: int | None = _help("Stop after N validations without improvement; unset = never.", default=None)
+    checkpoint_steps: int | None = _help("Save resumable state every N steps; default at every validation.", default=None)
+    checkpoint_total_limit: int = _help("Resumable checkpoints kept in output_dir/checkpoints.", default=2)
+    resume_from_checkpoint: str | None = _help("'latest' or a checkpoint folder to resume from.", default=None)
+    logging_steps: int = _help("Log loss, learning rate and throughput every N steps.", default=10)
+    report_to: str = _help("Trackers: none, tensorboard, wandb, or all.", default="none")
+
+    def __post_init__(self):
+        known = NON_PEFT_STRATEGIES + PEFT_STRATEGIES
+        if self.strategy not in known:
+            raise ValueError(f"`--strategy {self.strategy}` is unknown; choose one of {', '.join(known)}.")
+        if self.strategy == "partial" and self.num_blocks is None and self.blocks is None:
+            raise ValueError("`--strategy partial` needs `--num_blocks N` (the last N Hiera blocks) or `--blocks`.")
+        if self.mask_type not in ("instance", "semantic"):
+            raise ValueError(f"`--mask_type {self.mask_type}` is unknown; use instance or semantic.")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"`--mixed_precision {self.mixed_precision}` is unknown; use no, bf16 or fp16.")
+        if self.decoder_mode not in ("frozen", "full", "adapter"):
+            raise ValueError(f"`--decoder_mode {self.decoder_mode}` is unknown; use frozen, full or adapter.")
+        if self.eval_metric not in ("dice", "iou"):
+            raise ValueError(f"`--eval_metric {self.eval_metric}` is unknown; use dice or iou.")
+        if self.report_to not in ("none", "tensorboard", "wandb", "all"):
+            raise ValueError(f"`--report_to {self.report_to}` is unknown; use none, tensorboard, wandb or all.")
+        for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "max_objects_per_image", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`--{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"`--max_steps` must be at least 1, got {self.max_steps}.")
+        if not 0 <= self.box_probability <= 1:
+            raise ValueError(f"`--box_probability` must be in [0, 1], got {self.box_probability}.")
+        if self.learning_rate is None:
+            group = self.strategy if self.strategy in NON_PEFT_STRATEGIES else "peft"
+            self.learning_rate = DEFAULT_LEARNING_RATES[group]
+
+    @property
+    def is_peft(self) -> bool:
+        return self.strategy in PEFT_STRATEGIES
+
+    def intensity_config(self) -> IntensityConfig:
+        """The data pipeline's intensity handling for `intensity` / `ct_window`."""
+        if self.ct_window is None:
+            return IntensityConfig(mode=self.intensity)
+        if "," in self.ct_window:
+            level, width = (float(part) for part in self.ct_window.split(","))
+            return IntensityConfig(mode="window", window=(level, width))
+        return IntensityConfig(mode="window", window=self.ct_window)
+
+    def block_selection(self) -> str | list[int] | None:
+        """`blocks` as `select_blocks` takes it: 'last:N' stays a string, '0,3,5' becomes a list."""
+        if self.blocks is None or ":" in self.blocks or self.blocks == "all":
+            return self.blocks
+        try:
+            return [int(part) for part in self.blocks.split(",")]
+        except ValueError:
+            raise ValueError(f"`--blocks {self.blocks}` is not understood; use 'last:4', 'first:2' or '0,3,5'.") from None
+
+    def strategy_options(self) -> dict:
+        """The options `apply_strategy` takes for this config's strategy."""
+        if self.strategy == "decoder":
+            return {"train_prompt_encoder": self.train_prompt_encoder}
+        if self.strategy == "partial":
+            selection = {"num_blocks": self.num_blocks} if self.num_blocks is not None else {"blocks": self.block_selection()}
+            return {**selection, "train_neck": self.train_neck, "train_prompt_encoder": self.train_prompt_encoder}
+        if self.strategy == "full":
+            return {}
+        return {
+            "targets": self.targets,
+            "blocks": self.block_selection(),
+            "r": self.lora_r,
+            "alpha": self.lora_alpha,
+            "dropout": self.lora_dropout,
+            "decoder": self.decoder_mode,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the effective config as YAML (what `--config` reads back)."""
+        Path(path).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def parse_config(args: list[str] | None = None, default_config: str | Path | None = None) -> TrainConfig:
+    """Read `--config FILE.yaml` (or `default_config`), then apply `--<field> VALUE` overrides on top.
+
+    Unknown YAML keys and unknown flags are errors that name them.
+
+    Example:
+        >>> cfg = parse_config(["--config", "recipes/configs/quickstart.yaml", "--max_steps", "5"])
+    """
+    parser = HfArgumentParser(TrainConfig)
+    parser.add_argument("--config", default=None, help="YAML file with any of the fields below.")
+    namespace, _ = parser.parse_known_args(args)
+    config_path = namespace.config or default_config
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {path}: no such file.")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of field: value, got {type(values).__name__}.")
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys are the `sam2-peft train --help` flags.")
+        parser.set_defaults(**values)
+    # The extra namespace holds `--config` itself.
+    config, _ = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=False, look_for_args_file=False)
+    return config

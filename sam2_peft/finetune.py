@@ -1,0 +1,279 @@
+"""One fine-tuning run, in accelerate's canonical order: Accelerator, seed, data, model, optimiser, `prepare`, loop,
+evaluation, save. Every recipe and `sam2-peft train` run this.
+
+    accelerate launch recipes/lora_medical.py --config recipes/configs/lora_medical.yaml
+    sam2-peft train --config recipes/configs/quickstart.yaml --output_dir runs/quickstart
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import ProjectConfiguration, set_seed
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from sam2_peft.config import TrainConfig
+from sam2_peft.data import AugmentConfig, Preprocessor, PromptConfig, SegmentationDataset, collate_objects, load_source
+from sam2_peft.hub import save_adapter
+from sam2_peft.models import load_sam2, model_fingerprint
+from sam2_peft.strategies import apply_strategy, trainable_summary
+from sam2_peft.training import (
+    COMPLETE_MARKER,
+    InteractiveSegmenter,
+    TrainState,
+    build_optimizer,
+    build_scheduler,
+    compute_loss,
+    latest_checkpoint,
+    loss_weights,
+    peak_memory_mb,
+    plot_history,
+    validate,
+)
+
+logger = logging.getLogger(__name__)
+TRACKERS = {"none": None, "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": "all"}
+
+
+def finetune(cfg: TrainConfig) -> dict:
+    """Fine-tune SAM2 as `cfg` says and write `final/`, `metrics.json`, `checkpoints/` and plots to `cfg.output_dir`.
+
+    Returns:
+        The content of `metrics.json`: `baseline` (before training), `final` (last validation) and `best`
+        validation metrics, `best_step`, `steps` and `nonfinite_steps`.
+    """
+    output_dir = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=TRACKERS[cfg.report_to],
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir),
+            logging_dir=str(output_dir / "logs"),
+            automatic_checkpoint_naming=True,
+            total_limit=cfg.checkpoint_total_limit,
+        ),
+        # A seeded sampler gives every epoch the same order on every run, which resuming relies on.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Multimask training leaves the single-mask output head without gradient.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(output_dir / "config.yaml")
+
+    with accelerator.main_process_first():
+        splits = load_source(
+            cfg.data,
+            image_column=cfg.image_column,
+            mask_column=cfg.mask_column,
+            train_split=cfg.train_split,
+            val_split=cfg.val_split,
+            val_fraction=cfg.val_fraction,
+            seed=cfg.seed,
+        )
+    if "val" not in splits:
+        raise ValueError(f"--data {cfg.data}: no validation split and --val_fraction 0; give one or the other.")
+
+    model = load_sam2(cfg.model, revision=cfg.revision, sam2_config=cfg.sam2_config)
+    base_fingerprint = model_fingerprint(model)
+    model = apply_strategy(model, cfg.strategy, **cfg.strategy_options())
+    if accelerator.is_main_process:
+        logger.info("Trainable parameters (%s):\n%s", cfg.strategy, trainable_summary(model))
+    module = InteractiveSegmenter(model)
+
+    preprocessor = Preprocessor.from_model(model)
+    common = dict(
+        mask_type=cfg.mask_type,
+        min_object_area=cfg.min_object_area,
+        max_objects_per_image=cfg.max_objects_per_image,
+        intensity=cfg.intensity_config(),
+        seed=cfg.seed,
+    )
+    prompts = PromptConfig(box_prob=cfg.box_probability, box_noise=cfg.box_jitter, num_positive=cfg.num_points)
+    train_set = SegmentationDataset(
+        splits["train"],
+        preprocessor,
+        keep_empty_images=cfg.keep_empty_images,
+        augment=AugmentConfig() if cfg.augment else None,
+        prompts=prompts,
+        split="train",
+        **common,
+    )
+    val_set = SegmentationDataset(splits["val"], preprocessor, prompts="box", split="val", **common)
+    loader_options = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_objects)
+    train_loader = DataLoader(train_set, shuffle=True, **loader_options)
+    val_loader = DataLoader(val_set, shuffle=False, **loader_options)
+
+    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
+    module, optimizer, train_loader, val_loader = accelerator.prepare(module, optimizer, train_loader, val_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
+    total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
+    # The prepared scheduler steps once per process per optimiser step, so it counts in those units.
+    scheduler = build_scheduler(optimizer, total_steps * accelerator.num_processes, cfg.warmup_ratio)
+    scheduler = accelerator.prepare(scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    eval_steps = cfg.eval_steps or steps_per_epoch
+    checkpoint_steps = cfg.checkpoint_steps or eval_steps
+    if cfg.report_to != "none":
+        accelerator.init_trackers("sam2-peft", config=json.loads(cfg.to_json()))
+
+    checkpoints_dir = output_dir / "checkpoints"
+    if cfg.resume_from_checkpoint:
+        resume_path = (
+            latest_checkpoint(checkpoints_dir)
+            if cfg.resume_from_checkpoint == "latest"
+            else Path(cfg.resume_from_checkpoint)
+        )
+        if resume_path is None or not (resume_path / COMPLETE_MARKER).is_file():
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: no complete checkpoint "
+                f"{'in ' + str(checkpoints_dir) if resume_path is None else 'at ' + str(resume_path)}."
+            )
+        accelerator.load_state(str(resume_path))
+        accelerator.print(f"Resumed from {resume_path} at step {state.step}.")
+
+    if state.step == 0 and not state.history:
+        baseline = validate(module, val_loader, accelerator)
+        state.history.append({"step": 0, **baseline})
+        accelerator.print(f"Before training: dice {baseline['dice']:.4f}, iou {baseline['iou']:.4f}")
+
+    weights = loss_weights(cfg)
+    best_path = output_dir / "best" / "trainable.safetensors"
+    progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
+    window = {"loss": 0.0, "count": 0, "images": 0, "start": time.perf_counter()}
+    stop = state.step >= total_steps
+    module.train()
+    while not stop:
+        train_set.set_epoch(state.epoch)
+        train_loader.set_epoch(state.epoch)
+        loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+        for batch in loader:
+            with accelerator.accumulate(module):
+                # Correction clicks draw from a generator seeded by the step, so a resumed run draws the same ones.
+                clicks = torch.Generator(device=batch["masks"].device)
+                clicks.manual_seed(cfg.seed * 1_000_003 + state.step * 97 + accelerator.process_index)
+                outputs = module(batch, correction_rounds=cfg.correction_rounds, generator=clicks)
+                losses = compute_loss(outputs, batch, weights)
+                finite = accelerator.gather(torch.isfinite(losses["loss"].detach())[None]).all()
+                if finite:
+                    accelerator.backward(losses["loss"])
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                optimizer.zero_grad()
+            state.batches_in_epoch += 1
+            window["images"] += len(batch["image_ids"]) * accelerator.num_processes
+            if finite:
+                state.nonfinite_in_row = 0
+                window["loss"] += losses["loss"].item()
+                window["count"] += 1
+            else:
+                state.nonfinite_in_row += 1
+                state.nonfinite_total += 1
+                accelerator.print(f"Step {state.step}: non-finite loss, step skipped ({state.nonfinite_total} so far).")
+                if state.nonfinite_in_row >= cfg.max_nonfinite_steps:
+                    raise RuntimeError(
+                        f"{state.nonfinite_in_row} non-finite losses in a row (--max_nonfinite_steps "
+                        f"{cfg.max_nonfinite_steps}); lower --learning_rate, use --mixed_precision bf16 instead of "
+                        "fp16, or check the data with `sam2-peft data`."
+                    )
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            progress.update(1)
+            if state.step % cfg.logging_steps == 0 and window["count"]:
+                elapsed = time.perf_counter() - window["start"]
+                row = {
+                    "step": state.step,
+                    "loss": window["loss"] / window["count"],
+                    "lr": scheduler.get_last_lr()[0],
+                    "images_per_s": window["images"] / elapsed,
+                    "peak_memory_mb": peak_memory_mb(accelerator.device),
+                }
+                state.history.append(row)
+                accelerator.log(row, step=state.step)
+                progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                window = {"loss": 0.0, "count": 0, "images": 0, "start": time.perf_counter()}
+            if state.step % eval_steps == 0 or state.step == total_steps:
+                scores = validate(module, val_loader, accelerator, cfg.correction_rounds)
+                state.history.append({"step": state.step, **scores})
+                accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=state.step)
+                progress.write(f"step {state.step}: val dice {scores['dice']:.4f}, iou {scores['iou']:.4f}")
+                if state.record_eval(scores[cfg.eval_metric]) and accelerator.is_main_process:
+                    _save_trainable(accelerator.unwrap_model(module), best_path)
+                stop = state.should_stop(cfg.early_stopping_patience) or state.step >= total_steps
+                if stop and state.step < total_steps:
+                    progress.write(f"Early stopping: no {cfg.eval_metric} gain in {cfg.early_stopping_patience} evals.")
+            if state.step % checkpoint_steps == 0 and not stop:
+                _checkpoint(accelerator)
+            if stop or state.step >= total_steps:
+                stop = True
+                break
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(module)
+    evals = [row for row in state.history if "dice" in row]
+    if best_path.is_file():
+        unwrapped.load_state_dict(load_file(best_path), strict=False)
+    best = next(row for row in evals if row["step"] == state.best_step) if state.best_step is not None else evals[-1]
+    metrics = {
+        "baseline": evals[0] if evals[0]["step"] == 0 else None,
+        "final": evals[-1],
+        "best": best,
+        "best_step": state.best_step,
+        "steps": state.step,
+        "nonfinite_steps": state.nonfinite_total,
+    }
+    if accelerator.is_main_process:
+        save_adapter(
+            unwrapped.segmenter.model,
+            output_dir / "final",
+            base_model_name_or_path=cfg.model,
+            base_fingerprint=base_fingerprint,
+            strategy=cfg.strategy,
+            revision=cfg.revision,
+            metrics={k: v for k, v in best.items() if k != "step"},
+        )
+        _write_json(output_dir / "metrics.json", metrics)
+        plot_history(state.history, output_dir / "training_curves.png")
+    accelerator.end_training()
+    return metrics
+
+
+def _checkpoint(accelerator: Accelerator) -> None:
+    """`save_state` into checkpoints/, then mark the folder complete once every process has written its part."""
+    path = Path(accelerator.save_state())
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (path / COMPLETE_MARKER).touch()
+
+
+def _save_trainable(module: torch.nn.Module, path: Path) -> None:
+    tensors = {name: p.detach().cpu().contiguous() for name, p in module.named_parameters() if p.requires_grad}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    save_file(tensors, temporary)
+    os.replace(temporary, path)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(payload, indent=2))
+    os.replace(temporary, path)

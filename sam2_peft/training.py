@@ -1,0 +1,232 @@
+"""The parts of the accelerate training loop: the interactive forward, loss, optimiser, schedule, validation,
+resumable state and early stopping. `sam2_peft.finetune.finetune` puts them together in accelerate's order.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import get_cosine_schedule_with_warmup
+
+from sam2_peft.data.prompts import sample_correction_clicks
+from sam2_peft.losses import LossWeights, downsample_targets, sam2_multistep_loss
+from sam2_peft.metrics.kernels import segmentation_scores
+from sam2_peft.segmenter import Sam2Segmenter, SegmenterOutput
+
+# Written into a checkpoint folder after `save_state` returns: a run killed mid-save leaves a folder without it,
+# which `latest_checkpoint` skips.
+COMPLETE_MARKER = "checkpoint_complete"
+SCORE_NAMES = ("dice", "iou", "precision", "recall")
+
+
+class InteractiveSegmenter(nn.Module):
+    """A `Sam2Segmenter` that runs the initial prompts and then `correction_rounds` rounds of correction clicks.
+
+    All rounds happen inside one `forward`, because DistributedDataParallel expects one forward per backward. The
+    image is encoded once; each round adds a click sampled from the previous best mask's error and feeds that mask's
+    logits back as the mask prompt, as official SAM2 interactive training does.
+
+    Args:
+        model: a `Sam2Model` or the `PeftModel` from `apply_strategy`.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.segmenter = Sam2Segmenter(model)
+
+    def forward(
+        self,
+        batch: dict,
+        correction_rounds: int = 0,
+        generator: torch.Generator | None = None,
+        multimask_output: bool = True,
+    ) -> list[SegmenterOutput]:
+        """Predict masks for `batch` (the dict of `collate_objects`); returns one output per round."""
+        features = batch.get("image_features")
+        if features is None:
+            features = self.segmenter.encode_images(batch["pixel_values"])
+        coords, labels = batch["point_coords"], batch["point_labels"]
+        mask_inputs = batch.get("mask_inputs")
+        outputs = []
+        for round_index in range(correction_rounds + 1):
+            if round_index > 0:
+                with torch.no_grad():
+                    previous = best_mask_logits(outputs[-1])
+                    size = batch["masks"].shape[-2:]
+                    predicted = F.interpolate(previous[:, None], size=size, mode="bilinear")[:, 0] > 0
+                    click, click_label = sample_correction_clicks(predicted, batch["masks"], generator)
+                coords = torch.cat([coords, click.to(coords.dtype)], dim=1)
+                labels = torch.cat([labels, click_label], dim=1)
+                mask_inputs = previous[:, None]
+            outputs.append(
+                self.segmenter(
+                    image_features=features,
+                    image_index=batch["image_index"],
+                    point_coords=coords,
+                    point_labels=labels,
+                    mask_inputs=mask_inputs,
+                    multimask_output=multimask_output,
+                )
+            )
+        return outputs
+
+
+def best_mask_logits(output: SegmenterOutput) -> torch.Tensor:
+    """(N, M, h, w) candidates -> (N, h, w): the candidate with the highest predicted IoU."""
+    best = output.iou_scores.argmax(dim=1)
+    return output.mask_logits[torch.arange(len(best), device=best.device), best]
+
+
+def loss_weights(cfg) -> LossWeights:
+    return LossWeights(focal=cfg.focal_weight, dice=cfg.dice_weight, iou=cfg.iou_weight, object_score=cfg.object_weight)
+
+
+def compute_loss(outputs: list[SegmenterOutput], batch: dict, weights: LossWeights) -> dict[str, torch.Tensor]:
+    """SAM2's loss summed over the rounds, against targets brought to the decoder's resolution."""
+    targets = downsample_targets(batch["masks"], outputs[0].mask_logits.shape[-2:])
+    return sam2_multistep_loss(outputs, targets, batch["object_present"], weights)
+
+
+def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on biases, norms and embeddings (1-D tensors)."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("No parameter is trainable; apply a strategy first (apply_strategy).")
+    groups = [
+        {"params": [p for _, p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for _, p in trainable if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # The fused kernel is one launch per step for all tensors (CUDA); elsewhere foreach is the fast path.
+    on_cuda = trainable[0][1].is_cuda
+    return torch.optim.AdamW(groups, lr=learning_rate, fused=on_cuda, foreach=None if on_cuda else True)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
+    """Linear warmup over `warmup_ratio` of the steps, then cosine decay to zero."""
+    return get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
+
+
+def masks_at_original_size(logits: torch.Tensor, batch: dict, input_size: int) -> list[torch.Tensor]:
+    """Upsample (N, h, w) logits to each object's original image size, as `Sam2Processor.post_process_masks`.
+
+    Returns:
+        N bool masks (H_i, W_i), in the order of `batch["full_masks"]`.
+    """
+    upsampled = F.interpolate(logits[:, None].float(), size=(input_size, input_size), mode="bilinear")
+    masks = []
+    for index, image in enumerate(batch["image_index"].tolist()):
+        height, width = batch["original_sizes"][image].tolist()
+        resized = F.interpolate(upsampled[index : index + 1], size=(height, width), mode="bilinear")
+        masks.append(resized[0, 0] > 0)
+    return masks
+
+
+@torch.no_grad()
+def validate(module: nn.Module, loader, accelerator, correction_rounds: int = 0) -> dict[str, float]:
+    """Mean Dice, IoU, precision and recall over all objects of `loader`, at the images' original resolution.
+
+    Per-image records are gathered with `gather_for_metrics`, so the duplicates that pad the last batch under data
+    parallelism are dropped.
+    """
+    module.eval()
+    records = []
+    for batch in loader:
+        outputs = module(batch, correction_rounds=correction_rounds)
+        logits = best_mask_logits(outputs[-1])
+        input_size = batch["masks"].shape[-1]
+        predictions = masks_at_original_size(logits, batch, input_size)
+        per_image = [[] for _ in batch["image_ids"]]
+        for index, (pred, target) in enumerate(zip(predictions, batch["full_masks"])):
+            target = torch.as_tensor(target, device=pred.device)
+            scores = segmentation_scores(pred[None], target[None])
+            image = int(batch["image_index"][index])
+            per_image[image].append({name: float(scores[name][0]) for name in SCORE_NAMES})
+        records.extend(per_image)
+    gathered = accelerator.gather_for_metrics(records, use_gather_object=True)
+    objects = [obj for image in gathered for obj in image]
+    module.train()
+    if not objects:
+        raise ValueError("The validation set produced no object to score.")
+    result = {name: sum(obj[name] for obj in objects) / len(objects) for name in SCORE_NAMES}
+    result["num_objects"] = len(objects)
+    return result
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights, optimiser, scheduler and RNG that a resumed run needs.
+
+    Registered with `accelerator.register_for_checkpointing`, so `save_state`/`load_state` carry it.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+    history: list = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    def record_eval(self, metric: float) -> bool:
+        """Track the validation metric (higher is better); return whether it improved on the best so far."""
+        improved = self.best_metric is None or metric > self.best_metric
+        if improved:
+            self.best_metric, self.best_step, self.evals_without_improvement = metric, self.step, 0
+        else:
+            self.evals_without_improvement += 1
+        return improved
+
+    def should_stop(self, patience: int | None) -> bool:
+        return patience is not None and self.evals_without_improvement >= patience
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder in `checkpoints_dir` (by save order), or None."""
+    complete = [path for path in checkpoints_dir.glob("checkpoint_*") if (path / COMPLETE_MARKER).is_file()]
+    return max(complete, key=lambda path: (path / COMPLETE_MARKER).stat().st_mtime_ns, default=None)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated on GPU; the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    """Training loss and validation metrics against steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [row for row in history if "loss" in row]
+    evals = [row for row in history if "dice" in row]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot([row["step"] for row in train], [row["loss"] for row in train], label="train loss")
+    left.set_xlabel("step")
+    left.set_yscale("log")
+    left.legend()
+    for name in ("dice", "iou"):
+        right.plot([row["step"] for row in evals], [row[name] for row in evals], marker="o", label=f"val {name}")
+    right.set_xlabel("step")
+    right.set_ylim(0, 1)
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
