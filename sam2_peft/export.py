@@ -1,0 +1,271 @@
+"""Official sam2 checkpoints in and out of `Sam2Model`, and merged models for deployment.
+
+    sam2-peft convert --sam2_checkpoint sam2.1_hiera_tiny.pt --sam2_config sam2.1_hiera_t --output_dir hf-tiny
+
+    from sam2_peft.export import load_official_checkpoint, export_official_checkpoint, merge_to_folder
+    model = load_official_checkpoint("MedSAM2_latest.pt")          # config guessed: sam2.1_hiera_t
+    export_official_checkpoint(model, "tuned.pt", "sam2.1_hiera_t")  # sam2.build_sam.build_sam2 loads it
+
+Import maps every image-path tensor and refuses any missing, unexpected or misshapen key; only the video-only
+modules (`official_keys.VIDEO_ONLY_MODULES`) are dropped, because `Sam2Model` has no counterpart. Export has to put
+them back, since the official loader is strict: they come from `video_source` (the checkpoint you fine-tuned from,
+which keeps the video predictor working) or, without one, from a freshly built official model (seeded random init:
+fine for `SAM2ImagePredictor`, meaningless for video tracking).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from transformers import Sam2Model
+
+from sam2_peft.interop.official_config import (
+    config_mismatches,
+    guess_official_config,
+    official_name_for,
+    official_to_hf_config,
+    official_yaml_path,
+)
+from sam2_peft.interop.official_keys import hf_to_official, is_video_only, key_problems, official_to_hf
+from sam2_peft.models import build_image_processor
+
+logger = logging.getLogger(__name__)
+
+# Seed of the random video-only modules written when no `video_source` is given, so exports are reproducible.
+VIDEO_INIT_SEED = 0
+EXPORT_FORMATS = ("hf", "sam2")
+
+
+class OfficialCheckpointError(ValueError):
+    """Raised when an official checkpoint cannot be read, or does not fit the model or configuration."""
+
+
+def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read an official checkpoint's state dict with `torch.load(weights_only=True)`.
+
+    Accepts `{"model": state_dict}` (as published, and MedSAM2) or a bare state dict.
+
+    Raises:
+        OfficialCheckpointError: the file does not exist, holds anything but tensors and plain containers (no
+            pickled code is ever run), or is not a state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise OfficialCheckpointError(f"{path}: no such checkpoint file.")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise OfficialCheckpointError(
+            f"{path}: refused by torch.load(weights_only=True), which runs no pickled code: the file is not a "
+            "PyTorch checkpoint, or it holds objects other than tensors and plain containers. Re-save only the "
+            f"state dict: torch.save({{'model': model.state_dict()}}, path). Cause: {err}"
+        ) from err
+    if isinstance(content, dict) and isinstance(content.get("model"), dict):
+        content = content["model"]
+    if not isinstance(content, dict) or not content or not all(torch.is_tensor(v) for v in content.values()):
+        found = sorted(content)[:8] if isinstance(content, dict) else type(content).__name__
+        raise OfficialCheckpointError(
+            f"{path}: expected a state dict of tensors or {{'model': state_dict}}, found {found}."
+        )
+    return content
+
+
+def load_official_checkpoint(path: str | os.PathLike, sam2_config: str | None = None) -> Sam2Model:
+    """Load an official sam2 checkpoint (SAM2, SAM2.1 or MedSAM2 style) as a `Sam2Model`.
+
+    Args:
+        path: the `.pt` file.
+        sam2_config: official config name (`sam2.1_hiera_t`, ...) or YAML path; guessed from the file name (e.g.
+            `sam2.1_hiera_tiny.pt`, `MedSAM2_latest.pt`), else from the trunk's width and depth, when None.
+
+    Returns:
+        The model in eval mode, in the checkpoint's dtype, with `config._name_or_path` set to `path`.
+
+    Raises:
+        OfficialCheckpointError: a tensor is missing, unexpected or of the wrong shape (all listed).
+
+    Example:
+        >>> model = load_official_checkpoint("sam2.1_hiera_tiny.pt")  # doctest: +SKIP
+    """
+    state = read_official_checkpoint(path)
+    name = sam2_config or guess_official_config(path, state)
+    config = official_to_hf_config(name)
+    tensors, sources, unmapped = official_to_hf(state)
+    # Built without allocating its random init: every tensor is then assigned from the checkpoint.
+    with torch.device("meta"):
+        model = Sam2Model(config)
+    problems = key_problems(tensors, model.state_dict(), sources) + [f"unexpected: {key}" for key in unmapped]
+    if problems:
+        raise OfficialCheckpointError(
+            f"{path}: does not fit sam2_config={name!r} ({len(problems)} problems; only the video-only modules may "
+            "be absent or ignored). Check that the config matches the checkpoint's size:\n  " + "\n  ".join(problems)
+        )
+    model.load_state_dict(tensors, strict=True, assign=True)
+    dropped = sum(is_video_only(key) for key in state)
+    logger.info("Loaded %s as %s; dropped %d video-only tensors.", path, name, dropped)
+    model.config._name_or_path = str(path)
+    return model.eval()
+
+
+def export_official_checkpoint(
+    model: Sam2Model,
+    path: str | os.PathLike,
+    sam2_config: str | None = None,
+    *,
+    video_source: str | os.PathLike | None = None,
+) -> Path:
+    """Write `model` as an official checkpoint `{"model": state_dict}` that `sam2.build_sam.build_sam2` loads.
+
+    Args:
+        model: a plain `Sam2Model` (merge adapters first, e.g. with `merge_to_folder`).
+        path: the `.pt` file to write (tensors only, so `torch.load(weights_only=True)` reads it).
+        sam2_config: the official config name or YAML path; inferred from `model.config` when None (the SAM2.1 name
+            of the matching size).
+        video_source: an official checkpoint to copy the video-only modules from. Without it they are freshly
+            initialised (needs the `sam2` package), which serves the image predictor but not video tracking.
+
+    Returns:
+        The path written.
+
+    Raises:
+        OfficialCheckpointError: `model` does not match `sam2_config`, or the result would not load strictly.
+    """
+    if not isinstance(model, Sam2Model):
+        raise TypeError(
+            f"Expected a plain Sam2Model, got {type(model).__name__}; merge adapters first with "
+            "`merge_to_folder(model, dir, format='sam2')` or `model.merge_and_unload()`."
+        )
+    name = sam2_config or official_name_for(model.config)
+    mismatches = config_mismatches(name, model.config)
+    if mismatches:
+        raise OfficialCheckpointError(
+            f"The model's configuration differs from sam2_config={name!r}: " + "; ".join(mismatches)
+        )
+    try:
+        tensors, unmapped = hf_to_official(model.state_dict())
+    except ValueError as err:
+        raise OfficialCheckpointError(str(err)) from err
+    if unmapped:
+        raise OfficialCheckpointError(f"No official key for: {', '.join(unmapped)}")
+
+    # The official model of this config, where the package is installed: its keys and shapes are what build_sam2
+    # checks, and its seeded random video-only modules stand in when no video_source is given.
+    reference = _fresh_official_state(name) if _has_sam2() else None
+    if video_source is not None:
+        video_from = read_official_checkpoint(video_source)
+    elif reference is not None:
+        video_from = reference
+        logger.warning(
+            "%s: video-only modules are freshly initialised (seed %d); pass video_source= the checkpoint you "
+            "started from to keep video tracking working.", path, VIDEO_INIT_SEED,
+        )
+    else:
+        raise OfficialCheckpointError(
+            "Exporting needs the video-only modules that the official loader requires: pass video_source= an "
+            "official checkpoint of the same size, or install the `sam2` package to initialise them "
+            "(`SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2`)."
+        )
+    tensors.update({key: value for key, value in video_from.items() if is_video_only(key)})
+    if reference is not None:
+        problems = key_problems(tensors, reference)
+        if problems:
+            raise OfficialCheckpointError(
+                f"The exported state dict would not load into the official {name!r} model:\n  " + "\n  ".join(problems)
+            )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Own, contiguous CPU copies: torch.save would otherwise store whole shared storages.
+    torch.save({"model": {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}}, path)
+    return path
+
+
+def convert_checkpoint(
+    sam2_checkpoint: str | os.PathLike, sam2_config: str | None, output_dir: str | os.PathLike
+) -> Path:
+    """Convert an official checkpoint into a Hugging Face model folder (safetensors) for `Sam2Model.from_pretrained`.
+
+    The folder also holds the matching `preprocessor_config.json`, so `Sam2Processor.from_pretrained` works on it.
+
+    Example:
+        >>> convert_checkpoint("sam2.1_hiera_tiny.pt", "sam2.1_hiera_t", "hf-tiny")  # doctest: +SKIP
+    """
+    model = load_official_checkpoint(sam2_checkpoint, sam2_config)
+    return _save_hf(model, output_dir)
+
+
+def merge_to_folder(
+    model: torch.nn.Module,
+    output_dir: str | os.PathLike,
+    format: str = "hf",
+    sam2_config: str | None = None,
+    *,
+    video_source: str | os.PathLike | None = None,
+) -> Path:
+    """Write a merged model for deployment: a Hugging Face folder or an official sam2 checkpoint.
+
+    Args:
+        model: a plain `Sam2Model`, or a `PeftModel` (its adapters are folded in with `merge_and_unload()`).
+        output_dir: the folder to write.
+        format: `hf` (safetensors folder for `Sam2Model.from_pretrained`) or `sam2` (`<config name>.pt` for
+            `sam2.build_sam.build_sam2`).
+        sam2_config: for `sam2`, the official config name or YAML path; inferred from the model when None.
+        video_source: for `sam2`, the official checkpoint to copy video-only modules from (see
+            `export_official_checkpoint`).
+
+    Returns:
+        The folder (`hf`) or the checkpoint file (`sam2`).
+    """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format={format!r} is not one of {EXPORT_FORMATS}; use 'hf' or 'sam2'.")
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    if not isinstance(model, Sam2Model):
+        raise TypeError(f"Expected a Sam2Model or a PeftModel around one, got {type(model).__name__}.")
+    if format == "hf":
+        return _save_hf(model, output_dir)
+    name = sam2_config or official_name_for(model.config)
+    # Named after the config so that `load_official_checkpoint` recognises the file without `sam2_config`.
+    file_name = f"{Path(name).stem if name.endswith(('.yaml', '.yml')) else name}.pt"
+    return export_official_checkpoint(model, Path(output_dir) / file_name, name, video_source=video_source)
+
+
+def _save_hf(model: Sam2Model, output_dir: str | os.PathLike) -> Path:
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir)
+    build_image_processor(model).save_pretrained(output_dir)
+    return output_dir
+
+
+def _has_sam2() -> bool:
+    return importlib.util.find_spec("sam2") is not None
+
+
+def _fresh_official_state(sam2_config: str) -> dict[str, torch.Tensor]:
+    """Build the official model for `sam2_config` with seeded random weights and return its state dict."""
+    # Importing sam2 initialises Hydra globally (the package does it on import); instantiating from the YAML
+    # directly avoids `compose`, so no config search path is involved.
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    yaml_path = official_yaml_path(sam2_config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(VIDEO_INIT_SEED)
+        try:
+            official = instantiate(OmegaConf.load(yaml_path).model, _recursive_=True)
+        except Exception as err:  # Hydra wraps whatever the official constructors raise.
+            raise _unbuildable(yaml_path, err) from err
+    if not isinstance(official, torch.nn.Module):
+        raise _unbuildable(yaml_path, "its `model:` section has no `_target_`")
+    return official.state_dict()
+
+
+def _unbuildable(yaml_path: Path, cause: object) -> OfficialCheckpointError:
+    return OfficialCheckpointError(
+        f"{yaml_path}: the official sam2 package cannot build this config, so `build_sam2` could not load the "
+        f"export either; use a complete official YAML. Cause: {cause}"
+    )
