@@ -1,0 +1,42 @@
+"""Adapters as a product: save, push, load (Hub, local, offline cache), domain sets, and safe file handling.
+
+    from sam2_peft.hub import save_adapter, push_adapter, load_adapter, DomainAdapters, predict
+    save_adapter(model, "runs/lora/final", base_model_name_or_path="facebook/sam2.1-hiera-tiny", strategy="lora")
+    push_adapter("runs/lora/final", "me/sam2-lora-ct", private=True)
+    model = load_adapter(load_sam2("facebook/sam2.1-hiera-tiny"), "me/sam2-lora-ct", revision="main")
+
+On disk (fixed formats): PEFT strategies write a standard PEFT folder (`adapter_config.json`,
+`adapter_model.safetensors`, `README.md`); decoder/partial/full write `trained_tensors.safetensors`; both add
+`sam2_peft.json`, the compatibility record `load_adapter` checks before touching any weight.
+"""
+
+from sam2_peft.hub.domains import DomainAdapters, predict
+from sam2_peft.hub.files import (
+    ADAPTER_FILES,
+    AdapterFileError,
+    adapter_files,
+    atomic_folder,
+    base_fingerprint,
+    check_file_name,
+    resolve_adapter,
+)
+from sam2_peft.hub.load import AdapterMismatchError, check_compatible, load_adapter
+from sam2_peft.hub.save import build_model_card, push_adapter, save_adapter
+
+__all__ = [
+    "ADAPTER_FILES",
+    "AdapterFileError",
+    "AdapterMismatchError",
+    "DomainAdapters",
+    "adapter_files",
+    "atomic_folder",
+    "base_fingerprint",
+    "build_model_card",
+    "check_compatible",
+    "check_file_name",
+    "load_adapter",
+    "predict",
+    "push_adapter",
+    "resolve_adapter",
+    "save_adapter",
+]

@@ -1,0 +1,269 @@
+"""Save a trained model as an adapter folder with a model card, and push that folder to the Hub.
+
+    save_adapter(model, "runs/lora/final", base_model_name_or_path="facebook/sam2.1-hiera-tiny", strategy="lora",
+                 metrics={"dice": 0.91}, datasets=["user/ct-organs"])
+    push_adapter("runs/lora/final", "user/sam2-lora-ct", private=True)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from peft import PeftModel
+from safetensors.torch import save_file
+from torch import nn
+
+from sam2_peft.hub.files import (
+    ADAPTER_FILES,
+    MODEL_CARD,
+    TRAINED_TENSORS,
+    adapter_files,
+    atomic_folder,
+    base_fingerprint as fingerprint_of,
+    is_hub_id,
+    portable_base_name,
+    write_sam2_peft_json,
+)
+from sam2_peft.segmenter import base_sam2
+
+_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+A **{{ strategy }}** adapter for SAM2, trained with [sam2-peft](https://github.com/sam2-peft/sam2-peft).
+Base model: `{{ base_model_name_or_path }}` (fingerprint `{{ fingerprint }}`).
+
+## Use
+{{ usage }}
+{% if metrics %}
+## Validation metrics
+
+| metric | value |
+|---|---|
+{% for key, value in metrics.items() %}| {{ key }} | {{ value }} |
+{% endfor %}{% endif %}
+"""
+
+_PEFT_USAGE = """```python
+from peft import PeftModel
+from transformers import Sam2Model
+
+model = PeftModel.from_pretrained(Sam2Model.from_pretrained("{base}"), "{repo}")
+```"""
+
+_TENSORS_USAGE = """```python
+from sam2_peft import load_sam2
+from sam2_peft.hub import load_adapter
+
+model = load_adapter(load_sam2("{base}"), "{repo}")
+```"""
+
+
+def save_adapter(
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    strategy: str,
+    revision: str | None = None,
+    metrics: dict[str, float] | None = None,
+    datasets: list[str] | None = None,
+    trained_only: bool = True,
+    base_fingerprint: str | None = None,
+) -> Path:
+    """Save what a strategy trained, with `sam2_peft.json` and a model card, replacing `output_dir` atomically.
+
+    A `PeftModel` gives a standard PEFT folder (`adapter_config.json`, `adapter_model.safetensors`) of its active
+    adapter, which plain `PeftModel.from_pretrained(Sam2Model.from_pretrained(base), folder)` loads. A plain
+    `Sam2Model` gives `trained_tensors.safetensors`: the parameters with `requires_grad=True`, keyed as in
+    `Sam2Model.state_dict()`.
+
+    Args:
+        model: a `PeftModel` around a `Sam2Model`, or a `Sam2Model` after a non-PEFT strategy.
+        output_dir: the adapter folder to (re)create, e.g. `DIR/final`.
+        base_model_name_or_path: the base's Hub id. Local paths, presets and `None` are replaced by the base's
+            fingerprint (`sam2-<hex>`), since they mean nothing on another machine.
+        strategy: the strategy name recorded in `sam2_peft.json` and the card (`lora`, `decoder`, ...).
+        revision: the base's Hub revision, if pinned.
+        metrics: validation metrics of the run, for the card (e.g. `{"dice": 0.91, "iou": 0.84}`).
+        datasets: Hub dataset ids (or names) the adapter was trained on, for the card.
+        trained_only: for plain models, save only the trainable parameters (False: every weight).
+        base_fingerprint: `model_fingerprint` of the base taken before training (the training loop passes it).
+            Default: computed from `model`; for trained tensors, from its frozen weights only, since the trained
+            ones have changed. `load_adapter` accepts either form.
+
+    Returns:
+        The adapter folder.
+
+    Example:
+        >>> save_adapter(peft_model, "runs/lora/final", base_model_name_or_path="facebook/sam2.1-hiera-tiny",
+        ...              strategy="lora")
+    """
+    peft = isinstance(model, PeftModel)
+    tensors = None if peft else _tensors_to_save(model, trained_only)
+    fingerprint = base_fingerprint or fingerprint_of(model, exclude=() if peft else tensors)
+    base_name = portable_base_name(base_model_name_or_path, fingerprint)
+    with atomic_folder(output_dir) as tmp:
+        if peft:
+            _save_peft(model, tmp, base_name, revision)
+        else:
+            # safetensors refuses shared storage: give each tensor its own contiguous copy.
+            save_file({key: t.detach().cpu().contiguous().clone() for key, t in tensors.items()},
+                      tmp / TRAINED_TENSORS, metadata={"format": "pt"})
+        write_sam2_peft_json(tmp, base_model_name_or_path=base_name, fingerprint=fingerprint, strategy=strategy,
+                             revision=revision)
+        card = build_model_card(base_model_name_or_path=base_name, fingerprint=fingerprint, strategy=strategy,
+                                peft_type=_peft_type(model), metrics=metrics, datasets=datasets,
+                                repo_id=Path(output_dir).name)
+        card.save(tmp / MODEL_CARD)
+    return Path(output_dir)
+
+
+def _peft_type(model: nn.Module) -> str | None:
+    if not isinstance(model, PeftModel):
+        return None
+    return str(model.peft_config[model.active_adapter].peft_type.value).lower()
+
+
+def _save_peft(model: PeftModel, folder: Path, base_name: str, revision: str | None) -> None:
+    name = model.active_adapter
+    config = model.peft_config[name]
+    previous = (config.base_model_name_or_path, config.revision)
+    config.base_model_name_or_path, config.revision = base_name, revision
+    try:
+        # save_embedding_layers=False: SAM2 has no vocabulary to check, and the check would query the Hub.
+        model.save_pretrained(folder, selected_adapters=[name], safe_serialization=True, save_embedding_layers=False)
+    finally:
+        config.base_model_name_or_path, config.revision = previous
+    if name != "default":
+        # PEFT saves every adapter but "default" into a subfolder of its name; an adapter folder holds one.
+        for file in (folder / name).iterdir():
+            file.rename(folder / file.name)
+        (folder / name).rmdir()
+
+
+def _tensors_to_save(model: nn.Module, trained_only: bool) -> dict:
+    sam = base_sam2(model)
+    if not trained_only:
+        return sam.state_dict()
+    tensors = {key: p for key, p in sam.named_parameters() if p.requires_grad}
+    if not tensors:
+        raise ValueError(
+            "No parameter has requires_grad=True, so there is nothing trained to save. Apply a strategy first "
+            "(`apply_strategy(model, 'decoder')`) or pass `trained_only=False` to save every weight."
+        )
+    return tensors
+
+
+def build_model_card(
+    *,
+    base_model_name_or_path: str,
+    fingerprint: str,
+    strategy: str,
+    peft_type: str | None = None,
+    metrics: dict[str, float] | None = None,
+    datasets: list[str] | None = None,
+    repo_id: str = "sam2-adapter",
+) -> ModelCard:
+    """Build the adapter's model card: YAML metadata the Hub indexes, a usage snippet and the run's metrics.
+
+    Args:
+        base_model_name_or_path: the base's Hub id or fingerprint; only a Hub id goes into `base_model`.
+        fingerprint: the base fingerprint, shown in the text.
+        strategy: the training strategy, also a tag.
+        peft_type: the PEFT tuner (`lora`, ...) for PEFT adapters, None otherwise.
+        metrics: validation metrics (name -> number).
+        datasets: training dataset ids or names.
+        repo_id: the repository or folder name, used in the title and the usage snippet.
+    """
+    tags = ["sam2", "sam2-peft", "image-segmentation", strategy]
+    tags += ["peft", peft_type] if peft_type else []
+    hub_base = is_hub_id(base_model_name_or_path)
+    dataset = datasets[0] if datasets else "validation"
+    data = ModelCardData(
+        base_model=base_model_name_or_path if hub_base else None,
+        library_name="peft" if peft_type else "sam2-peft",
+        pipeline_tag="mask-generation",
+        tags=list(dict.fromkeys(tags)),
+        datasets=list(datasets) if datasets else None,
+        strategy=strategy,
+        # `model-index` is where the Hub reads results from; `metrics` there would mean metric ids.
+        model_name=repo_id if metrics else None,
+        eval_results=[
+            EvalResult(task_type="image-segmentation", dataset_type=dataset, dataset_name=dataset,
+                       metric_type=key, metric_value=float(value))
+            for key, value in metrics.items()
+        ] if metrics else None,
+    )
+    usage = (_PEFT_USAGE if peft_type else _TENSORS_USAGE).format(
+        base=base_model_name_or_path if hub_base else "<the base model>", repo=repo_id
+    )
+    return ModelCard.from_template(
+        data,
+        template_str=_CARD_TEMPLATE,
+        title=f"{repo_id}: SAM2 {strategy} adapter",
+        strategy=strategy,
+        base_model_name_or_path=base_model_name_or_path,
+        fingerprint=fingerprint,
+        usage=usage,
+        metrics=metrics or {},
+    )
+
+
+def push_adapter(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    include_checkpoints: bool = False,
+    token: str | None = None,
+):
+    """Upload an adapter folder to a Hub model repository, creating the repository (and branch) when needed.
+
+    Only the adapter's own files (`ADAPTER_FILES`) are sent; `checkpoints/` (optimiser state, pickles) is sent
+    only with `include_checkpoints=True`.
+
+    Args:
+        folder: an adapter folder written by `save_adapter`.
+        repo_id: `user/name` or `org/name`.
+        private: create the repository private (an existing repository keeps its visibility).
+        revision: the branch to commit to; created from `main` if missing.
+        commit_message: defaults to "Upload SAM2 adapter".
+        include_checkpoints: also upload `folder/checkpoints/`.
+        token: a Hub token; defaults to the logged-in one.
+
+    Returns:
+        huggingface_hub's `CommitInfo` (`.commit_url`, `.oid`).
+
+    Example:
+        >>> info = push_adapter("runs/lora/final", "me/sam2-lora-ct", private=True)
+        >>> info.commit_url
+    """
+    from huggingface_hub import HfApi
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Adapter folder {str(path)!r} does not exist; save one with `save_adapter` first.")
+    names = [p.name for p in path.iterdir() if p.is_file()]
+    adapter_files(names, f"Adapter folder {str(path)!r}")
+    patterns = list(ADAPTER_FILES) + (["checkpoints/*"] if include_checkpoints else [])
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=path,
+        revision=revision,
+        commit_message=commit_message or "Upload SAM2 adapter",
+        allow_patterns=patterns,
+    )
+
+
+__all__ = ["build_model_card", "push_adapter", "save_adapter"]
