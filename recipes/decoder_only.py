@@ -1,0 +1,21 @@
+"""Train only SAM2's mask decoder; the image encoder stays frozen.
+
+    accelerate launch recipes/decoder_only.py
+    accelerate launch recipes/decoder_only.py --config recipes/configs/decoder_only.yaml --data path/to/your/data
+
+Writes runs/decoder_only/final/ (the trained tensors and the base's name), metrics.json, checkpoints/ and plots.
+"""
+
+import sys
+from pathlib import Path
+
+from sam2_peft.config import TrainConfig, parse_config
+from sam2_peft.finetune import finetune
+
+
+def main(cfg: TrainConfig) -> dict:
+    return finetune(cfg)
+
+
+if __name__ == "__main__":
+    main(parse_config(sys.argv[1:], default_config=Path(__file__).parent / "configs" / "decoder_only.yaml"))

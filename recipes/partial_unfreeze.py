@@ -1,0 +1,21 @@
+"""Train the last Hiera blocks of SAM2's image encoder and the mask decoder.
+
+    accelerate launch recipes/partial_unfreeze.py
+    accelerate launch recipes/partial_unfreeze.py --config recipes/configs/partial_unfreeze.yaml --data path/to/your/data
+
+Writes runs/partial_unfreeze/final/ (the trained tensors and the base's name), metrics.json, checkpoints/ and plots.
+"""
+
+import sys
+from pathlib import Path
+
+from sam2_peft.config import TrainConfig, parse_config
+from sam2_peft.finetune import finetune
+
+
+def main(cfg: TrainConfig) -> dict:
+    return finetune(cfg)
+
+
+if __name__ == "__main__":
+    main(parse_config(sys.argv[1:], default_config=Path(__file__).parent / "configs" / "partial_unfreeze.yaml"))

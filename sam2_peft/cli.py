@@ -1,0 +1,155 @@
+"""The `sam2-peft` command.
+
+    sam2-peft train    --config FILE.yaml [--<field> VALUE ...] --output_dir DIR
+    sam2-peft eval     --model M [--adapter A] --data D [--prompt box|point|points:K] [--output_dir DIR]
+    sam2-peft merge    --model M --adapter A --output_dir DIR [--format hf|sam2]
+    sam2-peft push     ADAPTER_DIR --repo_id USER/NAME [--private] [--revision REV]
+    sam2-peft convert  --sam2_checkpoint FILE.pt --sam2_config NAME --output_dir DIR
+    sam2-peft data     DIR [--mask_type instance|semantic]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+COMMANDS = {
+    "train": "fine-tune SAM2 (fields from --config YAML, overridden by --<field> VALUE)",
+    "eval": "evaluate a model (and adapter) on a dataset with a fixed prompt protocol",
+    "compare": "train the four strategies with one budget and tabulate cost and accuracy",
+    "merge": "fold an adapter into its base: a Hugging Face folder or an official sam2 checkpoint",
+    "push": "upload an adapter folder to the Hugging Face Hub",
+    "convert": "convert an official sam2 checkpoint (.pt) into a Hugging Face model folder",
+    "data": "check a dataset: images, objects, and what would be skipped and why",
+}
+
+
+def _train(args: list[str]) -> None:
+    from sam2_peft.config import parse_config
+    from sam2_peft.finetune import finetune
+
+    metrics = finetune(parse_config(args))
+    baseline, best = metrics["baseline"], metrics["best"]
+    if baseline is not None:
+        print(f"Dice before: {baseline['dice']:.4f}  after (best, step {metrics['best_step']}): {best['dice']:.4f}")
+
+
+def _data(args: list[str]) -> None:
+    from sam2_peft.data import inspect_dataset
+
+    parser = argparse.ArgumentParser(prog="sam2-peft data", description=COMMANDS["data"])
+    parser.add_argument("data", help="image/mask folder, saved dataset, COCO json, or Hub dataset id")
+    parser.add_argument("--mask_type", default="instance", choices=["instance", "semantic"])
+    parser.add_argument("--num_classes", type=int, default=None, help="largest valid class id (semantic)")
+    parser.add_argument("--min_object_area", type=int, default=16)
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--mask_column", default="mask")
+    parsed = parser.parse_args(args)
+    report = inspect_dataset(
+        parsed.data,
+        mask_type=parsed.mask_type,
+        num_classes=parsed.num_classes,
+        min_object_area=parsed.min_object_area,
+        image_column=parsed.image_column,
+        mask_column=parsed.mask_column,
+    )
+    print(report.format())
+
+
+def _merge(args: list[str]) -> None:
+    from sam2_peft.export import merge_to_folder
+    from sam2_peft.hub import load_adapter
+    from sam2_peft.models import load_sam2
+
+    parser = argparse.ArgumentParser(prog="sam2-peft merge", description=COMMANDS["merge"])
+    parser.add_argument("--model", required=True, help="base model: Hub id, local folder or official .pt")
+    parser.add_argument("--adapter", required=True, help="adapter folder (e.g. DIR/final) or Hub id")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--format", default="hf", choices=["hf", "sam2"])
+    parser.add_argument("--sam2_config", default=None, help="official config name for --format sam2 (guessed if unset)")
+    parser.add_argument("--revision", default=None, help="adapter revision on the Hub")
+    parsed = parser.parse_args(args)
+    model = load_adapter(load_sam2(parsed.model, sam2_config=parsed.sam2_config), parsed.adapter, revision=parsed.revision)
+    path = merge_to_folder(model, parsed.output_dir, format=parsed.format, sam2_config=parsed.sam2_config)
+    print(f"Merged model written to {path}")
+
+
+def _push(args: list[str]) -> None:
+    from sam2_peft.hub import push_adapter
+
+    parser = argparse.ArgumentParser(prog="sam2-peft push", description=COMMANDS["push"])
+    parser.add_argument("adapter_dir")
+    parser.add_argument("--repo_id", required=True, help="USER/NAME")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--revision", default=None, help="branch to push to (created if missing)")
+    parser.add_argument("--commit_message", default=None)
+    parser.add_argument("--include_checkpoints", action="store_true", help="also upload checkpoints/ (large)")
+    parsed = parser.parse_args(args)
+    info = push_adapter(
+        parsed.adapter_dir,
+        parsed.repo_id,
+        private=parsed.private,
+        revision=parsed.revision,
+        commit_message=parsed.commit_message,
+        include_checkpoints=parsed.include_checkpoints,
+    )
+    print(f"Pushed: {info}")
+
+
+def _convert(args: list[str]) -> None:
+    from sam2_peft.export import convert_checkpoint
+
+    parser = argparse.ArgumentParser(prog="sam2-peft convert", description=COMMANDS["convert"])
+    parser.add_argument("--sam2_checkpoint", required=True, help="official checkpoint, e.g. sam2.1_hiera_tiny.pt")
+    parser.add_argument("--sam2_config", default=None, help="sam2.1_hiera_t|s|b+|l, sam2_hiera_*, or a YAML path")
+    parser.add_argument("--output_dir", required=True)
+    parsed = parser.parse_args(args)
+    path = convert_checkpoint(parsed.sam2_checkpoint, parsed.sam2_config, parsed.output_dir)
+    print(f"Hugging Face model folder written to {path}")
+
+
+def _eval(args: list[str]) -> None:
+    from sam2_peft.evaluation import main as evaluation_main
+
+    evaluation_main(args)
+
+
+def _compare(args: list[str]) -> None:
+    from sam2_peft.reports import main as compare_main
+
+    compare_main(args)
+
+
+HANDLERS = {
+    "train": _train,
+    "eval": _eval,
+    "compare": _compare,
+    "merge": _merge,
+    "push": _push,
+    "convert": _convert,
+    "data": _data,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatch `sam2-peft <command> ...`; each command parses its own flags (`sam2-peft <command> --help`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    usage = "\n".join(f"  {name:<8} {text}" for name, text in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="sam2-peft",
+        description="Fine-tune SAM2 on your own images.",
+        epilog=f"commands:\n{usage}\n\nRun `sam2-peft <command> --help` for its flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=list(COMMANDS), metavar="command")
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return
+    parsed, rest = parser.parse_known_args(argv[:1])
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    HANDLERS[parsed.command](argv[1:] + rest)
+
+
+if __name__ == "__main__":
+    main()

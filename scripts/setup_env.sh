@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install sam2-peft into it with the given extras: `bash scripts/setup_env.sh dev`.
+# Sourced by quickstart.sh and test.sh; safe to re-run (pip skips what is already there).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first: sam2's build imports it. pip takes whatever torch the machine's pip configuration allows.
+.venv/bin/python -m pip install -q "torch>=2.4" "torchvision>=0.19"
+.venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+if [[ "$extras" == *dev* ]]; then
+  # The official package, for parity tests; its sdist builds against the installed torch (no CUDA kernels needed).
+  SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install -q --no-build-isolation "sam2>=1.1" "hydra-core>=1.3" "iopath>=0.1.10" \
+    || echo "sam2 could not be installed: its parity tests will be skipped."
+fi
