@@ -1,0 +1,370 @@
+"""Evaluate a model (and an adapter) on a dataset with a fixed, seeded prompt protocol, next to the zero-shot base.
+
+    sam2-peft eval --model facebook/sam2.1-hiera-tiny --adapter runs/lora/final --data D --prompt box --output_dir E
+
+    from sam2_peft.evaluation import evaluate_model
+    results = evaluate_model("tiny-random", "examples/data", adapter="runs/decoder/final", output_dir="runs/eval")
+    results["fine_tuned"]["dice"], results["baseline"]["dice"], results["gain"]["dice"]
+
+Every object of the split gets the same initial prompt for every model (`box`, `point` or `points:K`, drawn from
+generators seeded by `(seed, item)`), optionally followed by N correction clicks, each sampled from the error of
+that model's previous prediction (so, as with a real user, later clicks follow each model's own mistakes). Masks are
+scored at the images' original resolution by the metric module (`sam2_peft.metrics.compute_metrics`, the function
+behind the `evaluate` module, called directly to skip its Arrow round trip).
+
+Files written to `output_dir`:
+    metrics.json     {"protocol": {...}, "fine_tuned": M, "baseline": M, "gain": {...}}; see `evaluate_model`.
+    per_object.csv   one row per object and model (`CSV_COLUMNS`), the `model` column naming which.
+    overlays.png     image + prompt, ground truth and each model's prediction for the worst, best and some
+                     random objects (`sam2_peft.reports.plot_overlays`).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from sam2_peft.data import IntensityConfig, Preprocessor, SegmentationDataset, collate_objects, load_source
+from sam2_peft.data.io import decode_row
+from sam2_peft.data.intensity import normalize_intensity
+from sam2_peft.hub import load_adapter
+from sam2_peft.metrics import compute_metrics
+from sam2_peft.models import load_sam2
+from sam2_peft.reports import OverlaySample, display_name, format_eval_table, plot_overlays, select_examples
+from sam2_peft.segmenter import PADDING
+from sam2_peft.training import InteractiveSegmenter, best_mask_logits, masks_at_original_size
+
+FINE_TUNED, BASELINE = "fine_tuned", "baseline"
+CSV_COLUMNS = (
+    "model", "image_id", "object_index", "class_id", "area", "predicted_area",
+    "dice", "iou", "precision", "recall", "hd95", "nsd", "predicted_iou", "object_score",
+)  # fmt: skip
+# Metrics whose difference `gain` reports; hd95 is a distance (lower is better), the others are in [0, 1].
+GAIN_METRICS = ("dice", "iou", "precision", "recall", "dice_micro", "iou_micro", "hd95", "nsd")
+
+
+@dataclass
+class ObjectPredictions:
+    """One model's predictions for every object of a dataset, in dataset order.
+
+    Attributes:
+        masks: N predicted (H_i, W_i) bool masks at the original image size.
+        references: N ground-truth masks of the same sizes.
+        image_ids: N image ids.
+        object_index: N indices of each object within its image.
+        class_ids: N class ids (1 for instance masks).
+        items: N dataset item indices (to fetch the image again).
+        predicted_iou: N predicted IoU of the chosen mask, in [0, 1].
+        object_score: N probabilities that the object is present (sigmoid of the object-score logit).
+        point_coords: N (K_i, 2) initial prompt points, `x, y` in original image pixels (box = two corners).
+        point_labels: N (K_i,) labels: 2 / 3 box corners, 1 positive, 0 negative click.
+    """
+
+    masks: list[np.ndarray] = field(default_factory=list)
+    references: list[np.ndarray] = field(default_factory=list)
+    image_ids: list[str] = field(default_factory=list)
+    object_index: list[int] = field(default_factory=list)
+    class_ids: list[int] = field(default_factory=list)
+    items: list[int] = field(default_factory=list)
+    predicted_iou: list[float] = field(default_factory=list)
+    object_score: list[float] = field(default_factory=list)
+    point_coords: list[np.ndarray] = field(default_factory=list)
+    point_labels: list[np.ndarray] = field(default_factory=list)
+
+
+@torch.no_grad()
+def predict_objects(
+    model: nn.Module,
+    dataset: SegmentationDataset,
+    *,
+    batch_size: int = 4,
+    correction_clicks: int = 0,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> ObjectPredictions:
+    """Predict every object of an evaluation `dataset` (built with `prompts="box" | "point" | "points:K"`).
+
+    Each object's mask is the multimask candidate with the highest predicted IoU after the last round, upsampled to
+    the image's original size as `Sam2Processor.post_process_masks` does (the same rule as training's validation).
+
+    Args:
+        model: a `Sam2Model` or a `PeftModel` around one; it is put in eval mode and moved to `device`.
+        dataset: a `SegmentationDataset` with an evaluation prompt protocol.
+        batch_size: images per forward pass.
+        correction_clicks: rounds of one correction click each after the initial prompt.
+        seed: seeds the correction clicks, per batch: they depend on `seed` and `batch_size`, not on earlier batches.
+        device: default CUDA when available, else CPU.
+
+    Example:
+        >>> rows = load_source("examples/data")["val"]
+        >>> val = SegmentationDataset(rows, Preprocessor.from_model(model), prompts="box")
+        >>> predictions = predict_objects(model, val, correction_clicks=1)
+    """
+    if not dataset.evaluating:
+        raise ValueError(
+            "predict_objects needs an evaluation dataset: build it with prompts='box', 'point' or 'points:K'."
+        )
+    if correction_clicks < 0:
+        raise ValueError(f"correction_clicks={correction_clicks} must be >= 0.")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    module = InteractiveSegmenter(model).to(device).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_objects)
+    result = ObjectPredictions()
+    for batch_number, batch in enumerate(loader):
+        batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_number)
+        last = module(batch, correction_rounds=correction_clicks, generator=generator)[-1]
+        masks = masks_at_original_size(best_mask_logits(last), batch, batch["masks"].shape[-1])
+        image_index = batch["image_index"].tolist()
+        sizes = batch["original_sizes"].tolist()
+        scale = batch["masks"].shape[-1]
+        for index, (image, mask, reference) in enumerate(zip(image_index, masks, batch["full_masks"])):
+            result.masks.append(mask.cpu().numpy())
+            result.references.append(np.asarray(reference, bool))
+            result.image_ids.append(batch["image_ids"][image])
+            result.object_index.append(image_index[:index].count(image))
+            result.class_ids.append(int(batch["class_ids"][index]))
+            result.items.append(batch_number * batch_size + image)
+            labels = batch["point_labels"][index].cpu()
+            keep = labels != PADDING
+            height, width = sizes[image]
+            # Model-input pixels back to the original image's: the inverse of `Preprocessor.scale_coords`.
+            coords = batch["point_coords"][index].cpu()[keep] * torch.tensor([width / scale, height / scale])
+            result.point_coords.append(coords.numpy())
+            result.point_labels.append(labels[keep].numpy())
+        result.predicted_iou.extend(last.iou_scores.max(dim=1).values.float().cpu().tolist())
+        result.object_score.extend(torch.sigmoid(last.object_score_logits[:, 0]).float().cpu().tolist())
+    return result
+
+
+def score_predictions(predictions: ObjectPredictions, *, nsd_tolerance: float = 1.0, device=None) -> dict:
+    """Score `predictions` with the metric module: overall, `per_image`, `per_class` and `per_object`.
+
+    Returns:
+        `compute_metrics`' result plus `predicted_iou` (mean over objects) and `num_images`.
+    """
+    if not predictions.masks:
+        raise ValueError("No object to score: the split has no usable object (see `sam2-peft data`).")
+    scores = compute_metrics(
+        predictions.masks,
+        predictions.references,
+        image_ids=predictions.image_ids,
+        class_ids=predictions.class_ids,
+        nsd_tolerance=nsd_tolerance,
+        device=device,
+    )
+    scores["predicted_iou"] = float(np.mean(predictions.predicted_iou))
+    scores["num_images"] = len(set(predictions.image_ids))
+    return scores
+
+
+def evaluate_model(
+    model: str | nn.Module,
+    data,
+    *,
+    adapter: str | os.PathLike | None = None,
+    revision: str | None = None,
+    sam2_config: str | None = None,
+    adapter_revision: str | None = None,
+    prompt: str = "box",
+    correction_clicks: int = 0,
+    split: str | None = None,
+    batch_size: int = 4,
+    output_dir: str | os.PathLike | None = None,
+    baseline: bool = True,
+    seed: int = 42,
+    mask_type: str = "instance",
+    intensity: IntensityConfig = IntensityConfig(),
+    min_object_area: int = 16,
+    max_objects_per_image: int | None = None,
+    image_column: str = "image",
+    mask_column: str = "mask",
+    val_fraction: float = 0.1,
+    nsd_tolerance: float = 1.0,
+    num_overlays: int = 8,
+    device: str | torch.device | None = None,
+    verbose: bool = True,
+) -> dict:
+    """Evaluate `model` (with `adapter`, and by default also without it) on one split of `data`.
+
+    Args:
+        model: a base model name for `load_sam2` (Hub id, folder, official .pt, `tiny-random`) or a `Sam2Model`
+            (its weights are left unchanged: the adapter goes onto a copy).
+        data: anything `load_source` takes (folder, saved dataset, COCO json, Hub id, `DatasetDict`).
+        adapter: a run's `DIR/final`, any adapter folder, or a Hub id; None evaluates `model` alone.
+        revision: Hub revision of `model` (when a name).
+        sam2_config: official config name for a `.pt` `model` (e.g. `sam2.1_hiera_t`); guessed if unset.
+        adapter_revision: Hub revision of `adapter`.
+        prompt: `box`, `point` (the object's innermost pixel) or `points:K` (K seeded positive clicks).
+        correction_clicks: correction rounds after the initial prompt (one click each, from the previous error).
+        split: the split to score; default `test` when the source has one, else `val`.
+        batch_size: images per forward pass.
+        output_dir: where `metrics.json`, `per_object.csv` and `overlays.png` go; None writes nothing.
+        baseline: also score the base model without the adapter on the same prompts (needs `adapter`).
+        seed: seeds `points:K` clicks and correction clicks, and the hold-out of `val` from `train` when the source
+            has no validation split; keep the training run's `--seed` (default 42) to score its validation images.
+        mask_type: `instance` or `semantic`, as in training.
+        intensity: how raw intensities map to [0, 1], as in training.
+        min_object_area: objects with fewer pixels are not scored (training's default, 16).
+        max_objects_per_image: score a seeded subset of at most this many objects per image; None scores all.
+        image_column: image column of a `datasets` source.
+        mask_column: mask column of a `datasets` source.
+        val_fraction: hold-out fraction for `val` when the source has no validation split, as in training.
+        nsd_tolerance: tolerance of the normalised surface Dice, in pixels.
+        num_overlays: objects shown in `overlays.png` (a third worst, a third best, the rest random); 0 for none.
+        device: default CUDA when available, else CPU.
+        verbose: print the side-by-side table (`sam2_peft.reports.format_eval_table`).
+
+    Returns:
+        What `metrics.json` holds: `protocol` (the settings above, for reproducibility), `fine_tuned` (the scores of
+        `model` with `adapter`, or of `model` alone when there is no adapter), and when a baseline ran, `baseline`
+        (the same keys, for the base model) and `gain` (`fine_tuned - baseline` for `GAIN_METRICS`; for hd95 a
+        negative gain is an improvement). Scores are those of `compute_metrics` (overall, `per_image`,
+        `per_class`) plus `predicted_iou` and `num_images`; the per-object scores go to `per_object.csv` instead.
+        NaN (hd95 with no defined object) is written as null.
+
+    Example:
+        >>> results = evaluate_model("tiny-random", "examples/data", adapter="runs/decoder/final", prompt="points:3")
+        >>> results["gain"]["dice"]
+    """
+    if baseline and adapter is None:
+        baseline = False
+    splits = load_source(
+        data, image_column=image_column, mask_column=mask_column, val_fraction=val_fraction, seed=seed
+    )
+    split = split or ("test" if "test" in splits else "val")
+    if split not in splits:
+        raise ValueError(f"--data {data}: no split {split!r}; it has {sorted(splits)}. Pick one with --split.")
+    owned = isinstance(model, str)
+    base = load_sam2(model, revision=revision, sam2_config=sam2_config) if owned else model
+    dataset = SegmentationDataset(
+        splits[split],
+        Preprocessor.from_model(base),
+        mask_type=mask_type,
+        min_object_area=min_object_area,
+        max_objects_per_image=max_objects_per_image,
+        intensity=intensity,
+        prompts=prompt,
+        seed=seed,
+        split=split,
+    )
+    run = dict(batch_size=batch_size, correction_clicks=correction_clicks, seed=seed, device=device)
+    predictions = {}
+    if baseline:
+        predictions[BASELINE] = predict_objects(base, dataset, **run)
+    tuned = base
+    if adapter is not None:
+        tuned = load_adapter(base if owned else copy.deepcopy(base), adapter, revision=adapter_revision)
+    predictions[FINE_TUNED] = predict_objects(tuned, dataset, **run)
+
+    scores = {name: score_predictions(p, nsd_tolerance=nsd_tolerance, device=device) for name, p in predictions.items()}
+    results = {
+        "protocol": {
+            "model": model if owned else type(model).__name__,
+            "adapter": None if adapter is None else str(adapter),
+            "data": str(data),
+            "split": split,
+            "prompt": prompt,
+            "correction_clicks": correction_clicks,
+            "seed": seed,
+            "mask_type": mask_type,
+            "min_object_area": min_object_area,
+            "max_objects_per_image": max_objects_per_image,
+            "nsd_tolerance": nsd_tolerance,
+        },
+        FINE_TUNED: {k: v for k, v in scores[FINE_TUNED].items() if k != "per_object"},
+    }
+    if baseline:
+        results[BASELINE] = {k: v for k, v in scores[BASELINE].items() if k != "per_object"}
+        results["gain"] = {name: scores[FINE_TUNED][name] - scores[BASELINE][name] for name in GAIN_METRICS}
+    results = _json_ready(results)
+    if output_dir is not None:
+        output = Path(output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "metrics.json").write_text(json.dumps(results, indent=2))
+        write_object_csv(output / "per_object.csv", predictions, scores)
+        if num_overlays > 0:
+            samples = overlay_samples(dataset, predictions, scores, num_overlays, seed, adapter is not None)
+            plot_overlays(samples, output / "overlays.png")
+    if verbose:
+        print(format_eval_table(results))
+    return results
+
+
+def write_object_csv(path: Path, predictions: dict[str, ObjectPredictions], scores: dict[str, dict]) -> None:
+    """Write one row per object and model (`CSV_COLUMNS`); hd95 is empty where it is undefined."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for name, pred in predictions.items():
+            per_object = scores[name]["per_object"]
+            for i in range(len(pred.masks)):
+                row = {
+                    "model": name,
+                    "image_id": pred.image_ids[i],
+                    "object_index": pred.object_index[i],
+                    "class_id": pred.class_ids[i],
+                    "area": int(pred.references[i].sum()),
+                    "predicted_area": int(pred.masks[i].sum()),
+                    "predicted_iou": pred.predicted_iou[i],
+                    "object_score": pred.object_score[i],
+                }
+                for metric in ("dice", "iou", "precision", "recall", "hd95", "nsd"):
+                    value = per_object[metric][i]
+                    row[metric] = "" if math.isnan(value) else value
+                writer.writerow(row)
+
+
+def overlay_samples(
+    dataset: SegmentationDataset,
+    predictions: dict[str, ObjectPredictions],
+    scores: dict[str, dict],
+    count: int,
+    seed: int,
+    has_adapter: bool,
+) -> list[OverlaySample]:
+    """Pick the worst, best and some random objects by the fine-tuned Dice and gather what the grid shows."""
+    chosen = select_examples(scores[FINE_TUNED]["per_object"]["dice"], count, seed)
+    tuned = predictions[FINE_TUNED]
+    names = [name for name in (BASELINE, FINE_TUNED) if name in predictions]
+    titles = {name: display_name(name, has_adapter) for name in names}
+    samples = []
+    for i in chosen:
+        row_index = dataset.indices[tuned.items[i]]
+        where = f"split {dataset.split!r}, row {row_index}"
+        image, _ = decode_row(dataset.rows[row_index], where=where, mask_type=dataset.mask_type)
+        # (3, H, W) in [0, 1] -> (H, W, 3) for imshow, with the intensity mapping the model saw.
+        pixels = normalize_intensity(image, dataset.intensity).transpose(1, 2, 0)
+        samples.append(
+            OverlaySample(
+                image=pixels,
+                target=tuned.references[i],
+                predictions={titles[name]: predictions[name].masks[i] for name in names},
+                scores={titles[name]: scores[name]["per_object"]["dice"][i] for name in names},
+                point_coords=tuned.point_coords[i],
+                point_labels=tuned.point_labels[i],
+                title=f"{tuned.image_ids[i]} #{tuned.object_index[i]}",
+            )
+        )
+    return samples
+
+
+def _json_ready(value):
+    """Replace NaN and infinities (not JSON) with None, recursively."""
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
