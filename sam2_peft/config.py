@@ -80,6 +80,7 @@ class TrainConfig:
     max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
     mixed_precision: str = _help("no | bf16 | fp16 (GPU); passed to accelerate.", default="no")
     seed: int = _help("Seed for weights, data order, augmentation and prompts.", default=42)
+    deterministic: bool = _help("Deterministic kernels, so a resumed run ends bit-identical to an uninterrupted one (CPU); costs speed on GPU.", default=True)
     focal_weight: float = _help("Weight of the focal loss.", default=20.0)
     dice_weight: float = _help("Weight of the dice loss.", default=1.0)
     iou_weight: float = _help("Weight of the IoU-prediction loss.", default=1.0)

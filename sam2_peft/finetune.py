@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -68,6 +69,9 @@ def finetune(cfg: TrainConfig) -> dict:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(cfg.seed)
+    # Some CPU backward kernels (index accumulation) otherwise add in a thread-dependent order.
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(output_dir / "config.yaml")
@@ -131,18 +135,12 @@ def finetune(cfg: TrainConfig) -> dict:
 
     checkpoints_dir = output_dir / "checkpoints"
     if cfg.resume_from_checkpoint:
-        resume_path = (
-            latest_checkpoint(checkpoints_dir)
-            if cfg.resume_from_checkpoint == "latest"
-            else Path(cfg.resume_from_checkpoint)
+        _resume(accelerator, state, cfg.resume_from_checkpoint, checkpoints_dir)
+    elif any(checkpoints_dir.glob("checkpoint_*")):
+        raise FileExistsError(
+            f"{checkpoints_dir} holds checkpoints of an earlier run; pass --resume_from_checkpoint latest to continue "
+            "it, or choose another --output_dir."
         )
-        if resume_path is None or not (resume_path / COMPLETE_MARKER).is_file():
-            raise FileNotFoundError(
-                f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: no complete checkpoint "
-                f"{'in ' + str(checkpoints_dir) if resume_path is None else 'at ' + str(resume_path)}."
-            )
-        accelerator.load_state(str(resume_path))
-        accelerator.print(f"Resumed from {resume_path} at step {state.step}.")
 
     if state.step == 0 and not state.history:
         baseline = validate(module, val_loader, accelerator)
@@ -161,11 +159,15 @@ def finetune(cfg: TrainConfig) -> dict:
         loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
         for batch in loader:
             with accelerator.accumulate(module):
-                # Correction clicks draw from a generator seeded by the step, so a resumed run draws the same ones.
+                # Dropout and correction clicks draw from generators seeded by the step, so a resumed run draws the
+                # same numbers whatever else (a new DataLoader iterator, say) consumed the global RNG meanwhile.
+                step_seed = cfg.seed * 1_000_003 + state.batches_in_epoch * 7_919 + state.step * 97
+                torch.manual_seed(step_seed + accelerator.process_index)
                 clicks = torch.Generator(device=batch["masks"].device)
-                clicks.manual_seed(cfg.seed * 1_000_003 + state.step * 97 + accelerator.process_index)
+                clicks.manual_seed(step_seed + accelerator.process_index)
                 outputs = module(batch, correction_rounds=cfg.correction_rounds, generator=clicks)
-                losses = compute_loss(outputs, batch, weights)
+                local_objects = torch.tensor([float(len(batch["image_index"]))], device=accelerator.device)
+                losses = compute_loss(outputs, batch, weights, accelerator.gather(local_objects).mean())
                 finite = accelerator.gather(torch.isfinite(losses["loss"].detach())[None]).all()
                 if finite:
                     accelerator.backward(losses["loss"])
@@ -218,7 +220,7 @@ def finetune(cfg: TrainConfig) -> dict:
                 if stop and state.step < total_steps:
                     progress.write(f"Early stopping: no {cfg.eval_metric} gain in {cfg.early_stopping_patience} evals.")
             if state.step % checkpoint_steps == 0 and not stop:
-                _checkpoint(accelerator)
+                _checkpoint(accelerator, state)
             if stop or state.step >= total_steps:
                 stop = True
                 break
@@ -233,6 +235,7 @@ def finetune(cfg: TrainConfig) -> dict:
     if best_path.is_file():
         unwrapped.load_state_dict(load_file(best_path), strict=False)
     best = next(row for row in evals if row["step"] == state.best_step) if state.best_step is not None else evals[-1]
+    train_rows = [row for row in state.history if "loss" in row]
     metrics = {
         "baseline": evals[0] if evals[0]["step"] == 0 else None,
         "final": evals[-1],
@@ -240,6 +243,10 @@ def finetune(cfg: TrainConfig) -> dict:
         "best_step": state.best_step,
         "steps": state.step,
         "nonfinite_steps": state.nonfinite_total,
+        "throughput": {
+            "images_per_s": sum(row["images_per_s"] for row in train_rows) / max(len(train_rows), 1),
+            "peak_memory_mb": max((row["peak_memory_mb"] for row in train_rows), default=None),
+        },
     }
     if accelerator.is_main_process:
         save_adapter(
@@ -252,13 +259,37 @@ def finetune(cfg: TrainConfig) -> dict:
             metrics={k: v for k, v in best.items() if k != "step"},
         )
         _write_json(output_dir / "metrics.json", metrics)
+        _write_json(output_dir / "history.json", {"history": state.history})
         plot_history(state.history, output_dir / "training_curves.png")
     accelerator.end_training()
+    torch.use_deterministic_algorithms(was_deterministic)
     return metrics
 
 
-def _checkpoint(accelerator: Accelerator) -> None:
+def _resume(accelerator: Accelerator, state: TrainState, where: str, checkpoints_dir: Path) -> None:
+    """Load the state saved at `where` ('latest' or a folder) and drop checkpoints a killed run left half-written."""
+    path = latest_checkpoint(checkpoints_dir) if where == "latest" else Path(where)
+    if path is None or not (path / COMPLETE_MARKER).is_file():
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {where}: no complete checkpoint "
+            f"{'in ' + str(checkpoints_dir) if path is None else 'at ' + str(path)}."
+        )
+    accelerator.load_state(str(path))
+    # accelerate names the next checkpoint by its save counter, which load_state does not restore.
+    accelerator.project_configuration.iteration = state.checkpoints_saved
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for partial in checkpoints_dir.glob("checkpoint_*"):
+            if not (partial / COMPLETE_MARKER).is_file():
+                accelerator.print(f"Removing {partial}: a checkpoint the interrupted run did not finish writing.")
+                shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.print(f"Resumed from {path} at step {state.step}.")
+
+
+def _checkpoint(accelerator: Accelerator, state: TrainState) -> None:
     """`save_state` into checkpoints/, then mark the folder complete once every process has written its part."""
+    state.checkpoints_saved += 1
     path = Path(accelerator.save_state())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

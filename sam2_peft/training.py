@@ -87,10 +87,17 @@ def loss_weights(cfg) -> LossWeights:
     return LossWeights(focal=cfg.focal_weight, dice=cfg.dice_weight, iou=cfg.iou_weight, object_score=cfg.object_weight)
 
 
-def compute_loss(outputs: list[SegmenterOutput], batch: dict, weights: LossWeights) -> dict[str, torch.Tensor]:
-    """SAM2's loss summed over the rounds, against targets brought to the decoder's resolution."""
+def compute_loss(
+    outputs: list[SegmenterOutput], batch: dict, weights: LossWeights, num_objects: float | None = None
+) -> dict[str, torch.Tensor]:
+    """SAM2's loss summed over the rounds, against targets brought to the decoder's resolution.
+
+    Args:
+        num_objects: the per-object normaliser; under data parallelism the mean object count per process, so that
+            averaging the processes' gradients gives the gradient of the global per-object mean.
+    """
     targets = downsample_targets(batch["masks"], outputs[0].mask_logits.shape[-2:])
-    return sam2_multistep_loss(outputs, targets, batch["object_present"], weights)
+    return sam2_multistep_loss(outputs, targets, batch["object_present"], weights, num_objects=num_objects)
 
 
 def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
@@ -173,6 +180,7 @@ class TrainState:
     evals_without_improvement: int = 0
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
+    checkpoints_saved: int = 0
     history: list = field(default_factory=list)
 
     def state_dict(self) -> dict:

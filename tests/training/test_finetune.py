@@ -1,0 +1,96 @@
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sam2_peft.finetune as finetune_module
+from sam2_peft.finetune import finetune
+from sam2_peft.training import COMPLETE_MARKER, latest_checkpoint
+
+from train_helpers import final_tensors, tiny_config
+
+
+def test_writes_the_fixed_outputs(tmp_path):
+    metrics = finetune(tiny_config(tmp_path, strategy="decoder", checkpoint_steps=2))
+    assert (tmp_path / "final" / "trained_tensors.safetensors").is_file()
+    assert json.loads((tmp_path / "final" / "sam2_peft.json").read_text())["strategy"] == "decoder"
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["steps"] == metrics["steps"] == 4
+    for key in ("baseline", "final", "best"):
+        assert set(on_disk[key]) >= {"dice", "iou", "precision", "recall"}
+    assert (tmp_path / "training_curves.png").stat().st_size > 10_000
+    assert (tmp_path / "config.yaml").is_file()
+    assert latest_checkpoint(tmp_path / "checkpoints") is not None
+    # The decoder strategy saves exactly the mask decoder's tensors.
+    assert all(name.startswith("mask_decoder.") for name in final_tensors(tmp_path))
+
+
+def test_loss_falls_on_an_overfitting_run(tmp_path):
+    # Regression threshold from: 200 steps, 2 images, box prompts, lr 1e-3 (loss 4.7 -> 0.3, dice 0.01 -> 0.6).
+    cfg = tiny_config(
+        tmp_path, strategy="decoder", max_steps=200, eval_steps=200, logging_steps=10, learning_rate=1e-3,
+        augment=False, box_probability=1.0, max_objects_per_image=4, checkpoint_steps=1000, warmup_ratio=0.0,
+    )
+    first_two = finetune_module.load_source(cfg.data)
+    first_two["train"] = first_two["val"] = first_two["train"].select(range(2))
+    original = finetune_module.load_source
+    finetune_module.load_source = lambda *args, **kwargs: first_two
+    try:
+        metrics = finetune(cfg)
+    finally:
+        finetune_module.load_source = original
+    losses = [row["loss"] for row in json.loads((tmp_path / "history.json").read_text())["history"] if "loss" in row]
+    print(losses[0], losses[-1], metrics["baseline"]["dice"], metrics["final"]["dice"])
+    assert losses[-1] < 0.25 * losses[0]
+    assert metrics["final"]["dice"] > 0.5 > metrics["baseline"]["dice"]
+
+
+def test_early_stopping_restores_the_best_weights(tmp_path, monkeypatch):
+    scripted = iter([0.1, 0.5, 0.3, 0.2, 0.1])  # baseline, then steps 1, 2, 3: the best is step 1
+
+    def fake_validate(*args, **kwargs):
+        value = next(scripted)
+        return {"dice": value, "iou": value, "precision": value, "recall": value, "num_objects": 1}
+
+    monkeypatch.setattr(finetune_module, "validate", fake_validate)
+    cfg = tiny_config(tmp_path, strategy="decoder", max_steps=10, eval_steps=1, early_stopping_patience=2,
+                      learning_rate=1e-3, checkpoint_steps=1)
+    metrics = finetune(cfg)
+    assert metrics["steps"] == 3 and metrics["best_step"] == 1
+    assert metrics["best"]["dice"] == 0.5 and metrics["final"]["dice"] == 0.2
+    prefix = "segmenter.model."  # the training module's names for the Sam2Model's
+    best = {k.removeprefix(prefix): v for k, v in load_file(tmp_path / "best" / "trainable.safetensors").items()}
+    final = final_tensors(tmp_path)
+    assert best.keys() == final.keys()
+    for name, tensor in final.items():
+        assert torch.equal(tensor, best[name]), name
+    last = load_file(latest_checkpoint(tmp_path / "checkpoints") / "model.safetensors")
+    changed = [name for name in final if not torch.equal(final[name], last[prefix + name])]
+    assert changed, "the final weights equal the last step's: the best ones were not restored"
+
+
+def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
+    real = finetune_module.compute_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        losses = real(*args, **kwargs)
+        return {**losses, "loss": losses["loss"] * math.nan} if calls["n"] == 2 else losses
+
+    monkeypatch.setattr(finetune_module, "compute_loss", sometimes_nan)
+    metrics = finetune(tiny_config(tmp_path / "one", strategy="decoder"))
+    assert metrics["nonfinite_steps"] == 1 and metrics["steps"] == 4
+
+    monkeypatch.setattr(finetune_module, "compute_loss", lambda *a, **k: {"loss": torch.tensor(math.inf, requires_grad=True)})
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row \\(--max_nonfinite_steps 3\\)"):
+        finetune(tiny_config(tmp_path / "all", strategy="decoder", max_nonfinite_steps=3))
+
+
+def test_resume_needs_a_complete_checkpoint(tmp_path):
+    (tmp_path / "checkpoints" / "checkpoint_0").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        finetune(tiny_config(tmp_path, resume_from_checkpoint="latest"))
+    assert not (tmp_path / "checkpoints" / "checkpoint_0" / COMPLETE_MARKER).exists()
