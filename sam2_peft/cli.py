@@ -110,15 +110,57 @@ def _convert(args: list[str]) -> None:
 
 
 def _eval(args: list[str]) -> None:
-    from sam2_peft.evaluation import main as evaluation_main
+    from sam2_peft.evaluation import evaluate_model
 
-    evaluation_main(args)
+    parser = argparse.ArgumentParser(prog="sam2-peft eval", description=COMMANDS["eval"])
+    parser.add_argument("--model", required=True, help="Hub id, local folder, official .pt, or tiny-random")
+    parser.add_argument("--adapter", default=None, help="a run's final/ folder or an adapter on the Hub")
+    parser.add_argument("--data", required=True, help="image/mask folder, saved dataset or Hub dataset id")
+    parser.add_argument("--prompt", default="box", help="box, point or points:K")
+    parser.add_argument("--correction_clicks", type=int, default=0, help="correction clicks after the first prompt")
+    parser.add_argument("--split", default=None, help="split to score (default: test if present, else val)")
+    parser.add_argument("--output_dir", default=None, help="where metrics.json, per_object.csv, overlays.png go")
+    parser.add_argument("--no_baseline", action="store_true", help="skip the zero-shot base model")
+    parser.add_argument("--mask_type", default="instance", choices=["instance", "semantic"])
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--mask_column", default="mask")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=42, help="prompt seed; the training seed gives the same val split")
+    parser.add_argument("--revision", default=None, help="base model revision")
+    parser.add_argument("--adapter_revision", default=None)
+    parsed = parser.parse_args(args)
+    evaluate_model(
+        parsed.model,
+        parsed.data,
+        adapter=parsed.adapter,
+        revision=parsed.revision,
+        adapter_revision=parsed.adapter_revision,
+        prompt=parsed.prompt,
+        correction_clicks=parsed.correction_clicks,
+        split=parsed.split,
+        batch_size=parsed.batch_size,
+        output_dir=parsed.output_dir,
+        baseline=not parsed.no_baseline,
+        seed=parsed.seed,
+        mask_type=parsed.mask_type,
+        image_column=parsed.image_column,
+        mask_column=parsed.mask_column,
+    )
 
 
 def _compare(args: list[str]) -> None:
-    from sam2_peft.reports import main as compare_main
+    from sam2_peft.comparison import compare_strategies, parse_strategies
+    from sam2_peft.config import parse_config
 
-    compare_main(args)
+    parser = argparse.ArgumentParser(prog="sam2-peft compare", description=COMMANDS["compare"], add_help=False)
+    parser.add_argument(
+        "--strategies",
+        default="decoder,partial:num_blocks=2,full,lora:lora_r=4,lora:lora_r=16",
+        help="comma-separated strategies, each optionally with ':field=value' overrides",
+    )
+    parsed, rest = parser.parse_known_args(args)
+    cfg = parse_config(rest)
+    compare_strategies(cfg, parse_strategies(parsed.strategies), cfg.output_dir)
 
 
 HANDLERS = {

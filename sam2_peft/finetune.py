@@ -54,6 +54,8 @@ def finetune(cfg: TrainConfig) -> dict:
     """
     output_dir = Path(cfg.output_dir)
     accelerator = Accelerator(
+        # Without a GPU, accelerate only goes multi-process (gloo) when told it runs on CPU.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=TRACKERS[cfg.report_to],
@@ -123,8 +125,7 @@ def finetune(cfg: TrainConfig) -> dict:
     module, optimizer, train_loader, val_loader = accelerator.prepare(module, optimizer, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
-    # The prepared scheduler steps once per process per optimiser step, so it counts in those units.
-    scheduler = build_scheduler(optimizer, total_steps * accelerator.num_processes, cfg.warmup_ratio)
+    scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, accelerator.num_processes)
     scheduler = accelerator.prepare(scheduler)
     state = TrainState()
     accelerator.register_for_checkpointing(state)

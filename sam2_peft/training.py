@@ -114,9 +114,14 @@ def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float)
     return torch.optim.AdamW(groups, lr=learning_rate, fused=on_cuda, foreach=None if on_cuda else True)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
-    """Linear warmup over `warmup_ratio` of the steps, then cosine decay to zero."""
-    return get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float, num_processes: int = 1):
+    """Linear warmup over `warmup_ratio` of the steps, then cosine decay to zero.
+
+    accelerate's prepared scheduler advances once per process per optimiser step, so both lengths are counted in
+    those units: the schedule is then the same for any number of processes.
+    """
+    warmup = math.ceil(warmup_ratio * total_steps) * num_processes
+    return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps * num_processes)
 
 
 def masks_at_original_size(logits: torch.Tensor, batch: dict, input_size: int) -> list[torch.Tensor]:

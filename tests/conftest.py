@@ -27,3 +27,7 @@ def tiny_batch():
         "point_coords": coords,
         "point_labels": labels,
     }
+
+
+def pytest_addoption(parser):
+    parser.addoption("--print-losses", action="store_true", help="print recipe losses to re-record them")
