@@ -1,0 +1,424 @@
+"""Frozen-encoder and frozen-prefix feature caches: a frozen part of the image encoder runs once per image view.
+
+    plan = plan_cache(model, changes_pixels=train_set.changes_pixels, num_views=cfg.cache_views)
+    logger.info(plan.message)                                   # says plainly what is cached, or why nothing is
+    cache = plan.build(base_fingerprint, preprocessing_key(train_set), directory=cfg.cache_dir)
+    for epoch in ...:
+        train_set.set_epoch(plan.dataset_epoch(epoch))         # augmented views repeat every `num_views` epochs
+        for batch in loader:
+            batch["image_features"] = cache.features(segmenter, batch, view=plan.view(epoch))
+
+Decoder strategy (no trainable parameter in `vision_encoder`): `FeatureCache` stores the three FPN maps that
+`Sam2Segmenter.encode_images` returns, before the decoder's own `conv_s0` / `conv_s1`. Partial strategy (or an
+adapter on the last blocks only): `PrefixCache` stores the hidden state entering the first trainable Hiera block
+plus the earlier stage outputs the neck reads, and runs the trainable blocks and the neck on every step.
+
+An entry's key hashes the image id, the view, the preprocessing description, the autocast state and the frozen
+encoder's fingerprint (`sam2_peft.models.model_fingerprint` of the model before training), so changing any of them
+misses. Each entry also keeps a checksum of its input pixels, checked on every hit: an image replaced under the
+same id (e.g. a dataset whose default ids are row numbers) is re-encoded instead of served stale.
+
+Size per image and view at S px with the default FPN width 256, float32: 256 * (S/4)^2 * 1.3125 * 4 bytes, i.e.
+84 MB at 1024 px (use `dtype=torch.bfloat16` to halve it, or `directory=` to keep entries on disk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sam2_peft.segmenter import base_sam2
+
+logger = logging.getLogger(__name__)
+
+# Augmented views kept per image when augmentation changes pixels: the encoder runs this many times per image over
+# the whole run, and the decoder still sees this many different draws of each image.
+DEFAULT_CACHE_VIEWS = 4
+# Pixel checksums sum float32 row sums: the same pixels give the same sums on one device, and within these
+# tolerances on another (float32 rounding), while a replaced image or another augmentation draw moves them by
+# orders of magnitude more. An edit of a few pixels may go unseen: the checksum guards against stale entries, it
+# is not a content hash.
+_CHECKSUM_RTOL, _CHECKSUM_ATOL = 1e-5, 1e-2
+
+
+def trainable_encoder_parameters(model: nn.Module) -> list[str]:
+    """Names (under `vision_encoder.`) of the image encoder's trainable parameters, adapters included."""
+    encoder = base_sam2(model).vision_encoder
+    return [name for name, param in encoder.named_parameters() if param.requires_grad]
+
+
+def first_trainable_block(model: nn.Module) -> int | None:
+    """Index of the first Hiera block that trains, `len(blocks)` if only the neck trains, None if nothing does.
+
+    0 also when the patch or positional embeddings train: then no prefix of the encoder is frozen.
+    """
+    trainable = trainable_encoder_parameters(model)
+    if not trainable:
+        return None
+    blocks = [int(name.split(".")[2]) for name in trainable if name.startswith("backbone.blocks.")]
+    stem = [name for name in trainable if name.startswith("backbone.") and not name.startswith("backbone.blocks.")]
+    if stem:
+        return 0
+    return min(blocks) if blocks else len(base_sam2(model).vision_encoder.backbone.blocks)
+
+
+def encode_prefix(vision_encoder: nn.Module, pixel_values: torch.Tensor, start_block: int) -> list[torch.Tensor]:
+    """Run the Hiera stem and blocks `[0, start_block)`: what `encode_from_prefix` continues from.
+
+    Follows `Sam2HieraDetModel.forward` (transformers 5) up to the first block that trains.
+
+    Args:
+        vision_encoder: `Sam2Model.vision_encoder` (a `Sam2VisionModel`).
+        pixel_values: (B, 3, S, S) normalised images.
+        start_block: index of the first block not run, 1 <= start_block <= number of blocks.
+
+    Returns:
+        `[hidden, *stage_outputs]`: the (B, H, W, C) hidden state entering block `start_block`, then the outputs
+        of the stages that end before block `start_block - 1` (the neck reads them; an output of block
+        `start_block - 1` itself is `hidden`, kept once).
+    """
+    backbone = vision_encoder.backbone
+    hidden = backbone.patch_embed(pixel_values)  # (B, 3, S, S) -> (B, S/4, S/4, C)
+    hidden = hidden + backbone._get_pos_embed(hidden.shape[1:3])
+    stage_outputs = []
+    for index in range(start_block):
+        hidden = backbone.blocks[index](hidden)
+        if index in backbone.stage_ends and index < start_block - 1:
+            stage_outputs.append(hidden)
+    return [hidden, *stage_outputs]
+
+
+def encode_from_prefix(vision_encoder: nn.Module, prefix: list[torch.Tensor], start_block: int) -> list[torch.Tensor]:
+    """Run blocks `[start_block, end)` and the FPN neck on an `encode_prefix` output, with autograd.
+
+    Follows the tail of `Sam2HieraDetModel.forward` and `Sam2VisionModel.forward` (transformers 5).
+
+    Returns:
+        The three FPN maps, high to low resolution, as `Sam2Segmenter.encode_images`.
+    """
+    backbone = vision_encoder.backbone
+    hidden, *stage_outputs = prefix
+    stage_outputs = list(stage_outputs)
+    if start_block - 1 in backbone.stage_ends:
+        stage_outputs.append(hidden)
+    for index in range(start_block, len(backbone.blocks)):
+        hidden = backbone.blocks[index](hidden)
+        if index in backbone.stage_ends:
+            stage_outputs.append(hidden)
+    fpn_maps, _ = vision_encoder.neck(tuple(stage_outputs))
+    return list(fpn_maps[-vision_encoder.num_feature_levels :][::-1])
+
+
+def preprocessing_key(dataset) -> str:
+    """Describe everything that makes a `SegmentationDataset`'s pixels: geometry, intensity, augmentation, seed."""
+    augment = dataset.augment.config if dataset.changes_pixels else None
+    return json.dumps(
+        {
+            "preprocessor": repr(dataset.preprocessor),
+            "intensity": repr(dataset.intensity),
+            "augment": repr(augment),
+            "seed": dataset.seed if augment is not None else None,
+        },
+        sort_keys=True,
+    )
+
+
+def pixel_checksum(pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) -> (B, 3) float64 on the CPU: the pixel sum, and the row and column sums weighted by position.
+
+    The weighted sums change under the flips, rotations and crops that keep the plain sum. Two reductions on the
+    pixels' device (~6 ms per 1024-px image on one CPU core) instead of hashing the bytes (~8 ms plus a copy off
+    the GPU).
+    """
+    pixels = pixel_values.detach()
+    rows, cols = pixels.sum(3).double(), pixels.sum(2).double()  # (B, 3, S) each
+    position = torch.arange(pixels.shape[-1], dtype=torch.float64, device=pixels.device)
+    return torch.stack([rows.sum((1, 2)), (rows * position).sum((1, 2)), (cols * position).sum((1, 2))], 1).cpu()
+
+
+@dataclass
+class _Entry:
+    tensors: list[torch.Tensor]
+    checksum: torch.Tensor
+    dtype: torch.dtype
+
+
+class FeatureCache:
+    """Frozen-encoder cache: the FPN maps of each (image, view), computed once under `torch.no_grad()`.
+
+    Args:
+        encoder_fingerprint: `model_fingerprint(model)` taken before training (the encoder is frozen, so it holds).
+        preprocessing_key: a description of how pixels are made (`preprocessing_key(dataset)`).
+        directory: keep entries as safetensors files under `directory/<namespace>/`; None keeps them in memory.
+        dtype: store entries in this dtype (e.g. `torch.bfloat16`, half the memory); they come back in the dtype
+            they were computed in. None stores them as computed.
+        device: where in-memory entries live ("cpu", or the GPU when it has room: no copy per step).
+
+    Example:
+        >>> cache = FeatureCache(model_fingerprint(model), preprocessing_key(train_set))
+        >>> batch["image_features"] = cache.features(segmenter, batch)
+    """
+
+    kind = "features"
+
+    def __init__(
+        self,
+        encoder_fingerprint: str,
+        preprocessing_key: str,
+        directory: str | os.PathLike | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        self.encoder_fingerprint = encoder_fingerprint
+        self.preprocessing_key = preprocessing_key
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.hits = self.misses = self.stale = 0
+        self._memory: dict[str, _Entry] = {}
+        self._directory = None if directory is None else Path(directory) / self.namespace()
+        if self._directory is not None:
+            self._directory.mkdir(parents=True, exist_ok=True)
+
+    def namespace(self, autocast: str = "") -> str:
+        """Hash of what every entry shares: cache kind, encoder fingerprint, preprocessing."""
+        text = json.dumps([self.kind, self.encoder_fingerprint, self.preprocessing_key, autocast])
+        return f"{self.kind}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+    def features(self, segmenter: nn.Module, batch: dict, view: int = 0) -> list[torch.Tensor]:
+        """The FPN maps of `batch["pixel_values"]`, encoding only the images not cached yet.
+
+        Args:
+            segmenter: the `Sam2Segmenter` (unwrapped) whose encoder is frozen.
+            batch: a `collate_objects` batch; uses `pixel_values` (B, 3, S, S) and `image_ids` (B str).
+            view: which augmented view of the images this is (`CachePlan.view(epoch)`); 0 without augmentation.
+
+        Returns:
+            (B, C, S/4, S/4), (B, C, S/8, S/8), (B, C, S/16, S/16) on the pixels' device, no autograd history.
+        """
+        return self._cached(segmenter, batch, view)
+
+    def _compute(self, segmenter: nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        return segmenter.encode_images(pixel_values)
+
+    def _cached(self, segmenter: nn.Module, batch: dict, view: int) -> list[torch.Tensor]:
+        pixel_values, image_ids = batch["pixel_values"], batch["image_ids"]
+        if len(image_ids) != pixel_values.shape[0]:
+            raise ValueError(f"batch has {len(image_ids)} image_ids for {pixel_values.shape[0]} images.")
+        checksums = pixel_checksum(pixel_values)
+        autocast = _autocast_tag(pixel_values.device.type)
+        keys = [self._key(image_id, view, autocast) for image_id in image_ids]
+        entries = [self._get(key) for key in keys]
+        missing = []
+        for index, entry in enumerate(entries):
+            if entry is not None and _same_pixels(entry.checksum, checksums[index]):
+                continue
+            if entry is not None:
+                self.stale += 1
+                logger.warning("Cached features of image %r (view %d) no longer match its pixels; re-encoding.",
+                               image_ids[index], view)
+            missing.append(index)
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            with torch.no_grad():
+                computed = self._compute(segmenter, pixel_values[missing])
+            for row, index in enumerate(missing):
+                entries[index] = self._put(keys[index], [t[row] for t in computed], checksums[index])
+        return [
+            torch.stack([entry.tensors[level] for entry in entries]).to(pixel_values.device, entries[0].dtype)
+            for level in range(len(entries[0].tensors))
+        ]
+
+    def _key(self, image_id: str, view: int, autocast: str) -> str:
+        text = json.dumps([self.namespace(autocast), str(image_id), int(view)])
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def _get(self, key: str) -> _Entry | None:
+        if key in self._memory or self._directory is None:
+            return self._memory.get(key)
+        path = self._directory / f"{key}.safetensors"
+        if not path.is_file():
+            return None
+        tensors = load_file(path)
+        levels = [tensors[f"level_{i}"] for i in range(len(tensors) - 2)]
+        dtype = getattr(torch, _DTYPES[int(tensors["dtype"])])
+        return _Entry(levels, tensors["checksum"], dtype)
+
+    def _put(self, key: str, tensors: list[torch.Tensor], checksum: torch.Tensor) -> _Entry:
+        dtype = tensors[0].dtype
+        where = self.device if self._directory is None else "cpu"
+        stored = [t.detach().to(where, self.dtype or dtype) for t in tensors]
+        entry = _Entry([t.contiguous() for t in stored], checksum, dtype)
+        if self._directory is None:
+            self._memory[key] = entry
+            return entry
+        path = self._directory / f"{key}.safetensors"
+        payload = {f"level_{i}": t for i, t in enumerate(entry.tensors)}
+        payload["checksum"] = checksum
+        payload["dtype"] = torch.tensor(_DTYPES.index(str(dtype).removeprefix("torch.")))
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        save_file(payload, temporary)
+        # Atomic: a process reading concurrently (or after a crash) sees a whole entry or none.
+        os.replace(temporary, path)
+        return entry
+
+
+# The dtype an entry was computed in, stored as an index (safetensors metadata is strings only, per file).
+_DTYPES = ["float32", "bfloat16", "float16", "float64"]
+
+
+class PrefixCache(FeatureCache):
+    """Frozen-prefix cache: the activations entering block `start_block`, computed once; the rest runs per step.
+
+    Args:
+        start_block: the first Hiera block that trains (`first_trainable_block(model)`).
+        (the others as `FeatureCache`)
+
+    Example:
+        >>> cache = PrefixCache(fingerprint, preprocessing_key(train_set), first_trainable_block(model))
+        >>> features = cache.features(segmenter, batch)       # runs blocks start_block.. and the neck, with grad
+    """
+
+    kind = "prefix"
+
+    def __init__(self, encoder_fingerprint: str, preprocessing_key: str, start_block: int, directory=None, **options):
+        if start_block < 1:
+            raise ValueError(f"start_block={start_block}: block 0 trains, so there is no frozen prefix to cache.")
+        self.start_block = start_block
+        super().__init__(encoder_fingerprint, f"{preprocessing_key}|start_block={start_block}", directory, **options)
+
+    def prefix(self, segmenter: nn.Module, batch: dict, view: int = 0) -> list[torch.Tensor]:
+        """The cached `encode_prefix` output for `batch` (no autograd history); pass it to `encode_from_prefix`."""
+        return self._cached(segmenter, batch, view)
+
+    def features(self, segmenter: nn.Module, batch: dict, view: int = 0) -> list[torch.Tensor]:
+        """Cached prefix, then the trainable blocks and the neck with autograd: the FPN maps for the decoder.
+
+        Under DistributedDataParallel, call `encode_from_prefix` inside the wrapped module's forward instead (with
+        `prefix()` as input), so that DDP sees the trainable blocks run.
+        """
+        return encode_from_prefix(segmenter.sam.vision_encoder, self.prefix(segmenter, batch, view), self.start_block)
+
+    def _compute(self, segmenter: nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        return encode_prefix(segmenter.sam.vision_encoder, pixel_values, self.start_block)
+
+
+def _same_pixels(stored: torch.Tensor, current: torch.Tensor) -> bool:
+    return torch.allclose(stored.double(), current, rtol=_CHECKSUM_RTOL, atol=_CHECKSUM_ATOL)
+
+
+def _autocast_tag(device_type: str) -> str:
+    """Autocast changes the encoder's output, so it is part of every key."""
+    if not torch.is_autocast_enabled(device_type):
+        return "fp32"
+    return str(torch.get_autocast_dtype(device_type)).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """What `plan_cache` decided: which cache applies, how many views, and the log line that says so.
+
+    Attributes:
+        kind: "features" (frozen encoder), "prefix" (frozen leading blocks) or None (no cache).
+        start_block: for "prefix", the first trainable Hiera block.
+        num_views: augmented views cached per image; 1 when the training pixels never change.
+        message: one plain-language sentence for the log.
+    """
+
+    kind: str | None
+    start_block: int | None
+    num_views: int
+    message: str
+
+    def dataset_epoch(self, epoch: int) -> int:
+        """The epoch to give `SegmentationDataset.set_epoch`: views repeat every `num_views` epochs."""
+        return epoch % self.num_views if self.kind and self.num_views > 1 else epoch
+
+    def view(self, epoch: int) -> int:
+        """The view index of `epoch`'s images, for `FeatureCache.features(..., view=)`."""
+        return epoch % self.num_views if self.kind and self.num_views > 1 else 0
+
+    def build(self, encoder_fingerprint: str, preprocessing_key: str, directory=None, **options):
+        """The `FeatureCache` or `PrefixCache` this plan calls for, or None; options as `FeatureCache`."""
+        if self.kind == "features":
+            return FeatureCache(encoder_fingerprint, preprocessing_key, directory, **options)
+        if self.kind == "prefix":
+            return PrefixCache(encoder_fingerprint, preprocessing_key, self.start_block, directory, **options)
+        return None
+
+
+def plan_cache(
+    model: nn.Module,
+    *,
+    changes_pixels: bool,
+    enabled: bool = True,
+    num_views: int = DEFAULT_CACHE_VIEWS,
+    num_images: int | None = None,
+) -> CachePlan:
+    """Decide whether and what to cache for `model`'s trainable parameters and the training data.
+
+    Args:
+        model: the model after `apply_strategy`.
+        changes_pixels: `train_set.changes_pixels` (augmentation that changes the image).
+        enabled: the user's switch (`--cache_features`).
+        num_views: augmented views to cache per image when `changes_pixels` (`--cache_views`).
+        num_images: training images, to state the memory the cache will take.
+
+    Example:
+        >>> plan = plan_cache(apply_strategy(load_sam2("tiny-random"), "decoder"), changes_pixels=False)
+        >>> plan.kind, plan.num_views
+        ('features', 1)
+    """
+    if num_views < 1:
+        raise ValueError(f"--cache_views {num_views}: must be at least 1 (1 = one fixed augmented draw per image).")
+    if not enabled:
+        message = "Feature cache: off (--cache_features false); the image encoder runs on every step."
+        return CachePlan(None, None, 1, message)
+    start = first_trainable_block(model)
+    blocks = len(base_sam2(model).vision_encoder.backbone.blocks)
+    if start == 0:
+        first = trainable_encoder_parameters(model)[0]
+        return CachePlan(None, None, 1, f"Feature cache: off: vision_encoder.{first} trains, so no part of the "
+                                        "image encoder is frozen; it runs on every step.")
+    kind = "features" if start is None else "prefix"
+    what = (
+        "the image encoder is frozen, so its features are computed once per image"
+        if kind == "features"
+        else f"Hiera blocks 0-{start - 1} are frozen, so their activations are computed once per image and blocks "
+        f"{start}-{blocks - 1} and the neck run on every step"
+    )
+    views = num_views if changes_pixels else 1
+    size = "" if num_images is None else f" (about {_cache_gigabytes(model, kind, start) * num_images * views:.1f} GB)"
+    if changes_pixels:
+        how = (f"Augmentation changes the pixels, so the cache keeps {views} augmented view(s) per image{size}: the "
+               f"augmentation draws repeat every {views} epoch(s) (--cache_views), and the encoder runs only in "
+               f"the first {views}. Pass --cache_features false for a fresh draw every epoch.")
+    else:
+        how = f"The training images do not change between epochs; the cache holds one entry per image{size}."
+    return CachePlan(kind, start, views, f"Feature cache: on ({kind}): {what}. {how}")
+
+
+def _cache_gigabytes(model: nn.Module, kind: str, start: int | None) -> float:
+    """Bytes of one cache entry in float32, from the configuration alone, in GB."""
+    config = base_sam2(model).config
+    side = config.prompt_encoder_config.image_size // 4
+    if kind == "features":
+        width = config.vision_config.fpn_hidden_size
+        elements = width * side**2 * (1 + 1 / 4 + 1 / 16)
+    else:
+        backbone = base_sam2(model).vision_encoder.backbone
+        dims = config.vision_config.backbone_config.embed_dim_per_stage
+        ends = backbone.stage_ends
+        stages = [s for s, end in enumerate(ends) if end < start - 1]
+        entry_stage = next(s for s, end in enumerate(ends) if start - 1 <= end)
+        elements = sum(dims[s] * (side // 2**s) ** 2 for s in stages + [entry_stage])
+    return elements * 4 / 1e9

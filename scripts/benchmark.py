@@ -1,0 +1,314 @@
+"""Benchmark the training strategies against the naive loop, LoRA merged vs unmerged inference, and adapter switching.
+
+    python scripts/benchmark.py --output runs/benchmark                  # hiera-tiny, 1024 px, batch 1, 3 steps
+    python scripts/benchmark.py --config tiny-random --image_size 256 --steps 2 --output /tmp/bench   # smoke run
+
+Everything runs in one process on random weights (offline). An "epoch" is `--steps` batches of distinct images.
+- naive: the plain loop users write: `Sam2Model.forward` on every step, fp32, no caches, same strategy and loss.
+- ours: `InteractiveSegmenter` with the feature cache (decoder) or prefix cache (partial), gradient checkpointing
+  with `--gradient_checkpointing`; cached strategies run two epochs and report the second (the first fills the
+  cache). Ratios are naive time / ours.
+- memory: CUDA max allocated on GPU (in process); on CPU, where RSS never goes down, each strategy runs two steps
+  in a subprocess and reports peak RSS minus the RSS before the model was built (weights + training memory).
+Writes `benchmark.json` and `benchmark.md` to `--output`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import Sam2Config, Sam2Model
+
+from sam2_peft.caching import plan_cache
+from sam2_peft.hub import DomainAdapters, load_adapter, save_adapter
+from sam2_peft.losses import LossWeights
+from sam2_peft.memory import enable_gradient_checkpointing
+from sam2_peft.models import load_sam2, model_fingerprint, tiny_random_config
+from sam2_peft.segmenter import SegmenterOutput, combine_prompts
+from sam2_peft.strategies import apply_strategy
+from sam2_peft.training import InteractiveSegmenter, build_optimizer, compute_loss
+
+STRATEGIES = {"decoder": {}, "partial": {"num_blocks": 2}, "lora": {"r": 8}, "full": {}}
+WEIGHTS = LossWeights()
+
+
+def build_config(name: str, image_size: int) -> Sam2Config:
+    """hiera-tiny (`Sam2Config()`'s default) at any multiple of 32 px, or the 256-px tiny random model."""
+    if name == "tiny-random":
+        if image_size != 256:
+            raise ValueError(f"--config tiny-random is built for --image_size 256, got {image_size}.")
+        return tiny_random_config()
+    if name != "hiera-tiny" or image_size % 32:
+        raise ValueError(f"--config {name} --image_size {image_size}: use hiera-tiny (size a multiple of 32) "
+                         "or tiny-random.")
+    config = Sam2Config()
+    config.vision_config.backbone_config.image_size = [image_size, image_size]
+    config.vision_config.backbone_feature_sizes = [[image_size // s] * 2 for s in (4, 8, 16)]
+    config.prompt_encoder_config.image_size = image_size
+    return config
+
+
+def make_batches(args, count: int, offset: int = 0) -> list[dict]:
+    """`count` batches of random images, each with `--objects` box-prompted objects, as `collate_objects` gives."""
+    size, n = args.image_size, args.batch_size
+    batches = []
+    for index in range(offset, offset + count):
+        generator = torch.Generator().manual_seed(index)
+        corners = torch.rand(n * args.objects, 2, 2, generator=generator).sort(dim=1).values * size
+        boxes = corners.reshape(-1, 4)
+        masks = torch.zeros(n * args.objects, size, size, dtype=torch.bool)
+        for obj, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+            masks[obj, y0 : y1 + 1, x0 : x1 + 1] = True
+        coords, labels = combine_prompts(boxes=boxes)
+        batches.append({
+            "pixel_values": torch.randn(n, 3, size, size, generator=generator),
+            "image_ids": [f"image{index}_{i}" for i in range(n)],
+            "image_index": torch.arange(n).repeat_interleave(args.objects),
+            "boxes": boxes.reshape(n, args.objects, 4),
+            "point_coords": coords,
+            "point_labels": labels,
+            "masks": masks,
+            "object_present": torch.ones(n * args.objects, dtype=torch.bool),
+        })
+    return [{k: v.to(args.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+
+
+def fresh_model(args, strategy: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = Sam2Model(build_config(args.config, args.image_size)).to(args.device)
+    return apply_strategy(model, strategy, **STRATEGIES[strategy]).train()
+
+
+def naive_step(model, optimizer, batch) -> float:
+    """The plain loop: the whole `Sam2Model.forward` with the boxes, loss, backward, step."""
+    out = model(pixel_values=batch["pixel_values"], input_boxes=batch["boxes"], multimask_output=True)
+    outputs = [SegmenterOutput(out.pred_masks.flatten(0, 1), out.iou_scores.flatten(0, 1),
+                               out.object_score_logits.flatten(0, 1))]
+    loss = compute_loss(outputs, batch, WEIGHTS)["loss"]
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.item()
+
+
+def our_step(module, optimizer, batch, cache) -> float:
+    if cache is not None:
+        batch = {**batch, "image_features": cache.features(module.segmenter, batch)}
+    loss = compute_loss(module(batch), batch, WEIGHTS)["loss"]
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.item()
+
+
+def timed(fn, args) -> float:
+    if args.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if args.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def setup(args, strategy: str, mode: str):
+    """(step function, cache) of the naive loop or ours for `strategy`."""
+    model = fresh_model(args, strategy)
+    optimizer = build_optimizer(model, 1e-5, 0.0)
+    if mode == "naive":
+        return (lambda batch: naive_step(model, optimizer, batch)), None
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    plan = plan_cache(model, changes_pixels=False)
+    cache = plan.build(model_fingerprint(model), f"benchmark {args.image_size}px", device=args.device)
+    module = InteractiveSegmenter(model).train()
+    return (lambda batch: our_step(module, optimizer, batch, cache)), cache
+
+
+def run_strategy(args, strategy: str, batches: list[dict]) -> dict:
+    """Median step times of the naive loop and of ours (second epoch when cached)."""
+    step, _ = setup(args, strategy, "naive")
+    naive = [timed(lambda b=b: step(b), args) for b in batches]
+    step, cache = setup(args, strategy, "ours")
+    first = [timed(lambda b=b: step(b), args) for b in batches]
+    later = [timed(lambda b=b: step(b), args) for b in batches] if cache is not None else first
+    naive_s, ours_s = statistics.median(naive), statistics.median(later)
+    return {
+        "cache": cache.kind if cache is not None else None,
+        "naive_step_s": naive_s,
+        "ours_first_epoch_step_s": statistics.median(first),
+        "ours_step_s": ours_s,
+        "images_per_s": args.batch_size / ours_s,
+        "naive_images_per_s": args.batch_size / naive_s,
+        "speedup": naive_s / ours_s,
+        "speedup_first_epoch": naive_s / statistics.median(first),
+    }
+
+
+def probe_memory(args, strategy: str, mode: str) -> float:
+    """Peak memory (MB) of two training steps: in process on GPU, in a subprocess on CPU."""
+    if args.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step, _ = setup(args, strategy, mode)
+        for batch in make_batches(args, 2, offset=1000):
+            step(batch)
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    command = [sys.executable, __file__, "--probe", f"{strategy}:{mode}", "--config", args.config, "--image_size",
+               str(args.image_size), "--batch_size", str(args.batch_size), "--objects", str(args.objects)]
+    command += ["--gradient_checkpointing"] if args.gradient_checkpointing else []
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmRSS line; CPU memory probes need Linux.")
+
+
+def run_probe(args) -> None:
+    strategy, mode = args.probe.split(":")
+    before = rss_mb()
+    step, _ = setup(args, strategy, mode)
+    for batch in make_batches(args, 2, offset=1000):
+        step(batch)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_mb": peak - before}))
+
+
+def median_time(fn, args, repeats: int) -> float:
+    return statistics.median(timed(fn, args) for _ in range(repeats))
+
+
+def run_inference(args) -> dict:
+    """Forward latency of the base model, LoRA unmerged, LoRA merged (one batch, no grad)."""
+    batch = make_batches(args, 1, offset=2000)[0]
+    model = fresh_model(args, "lora").eval()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # LoRA B starts at zero; make the adapter do something
+            torch.nn.init.normal_(param, std=0.01)
+    torch.manual_seed(0)
+    base = Sam2Model(build_config(args.config, args.image_size)).to(args.device).eval()
+    forward = lambda m: m(pixel_values=batch["pixel_values"], input_boxes=batch["boxes"])  # noqa: E731
+    repeats = max(3, args.steps)
+    with torch.no_grad():
+        forward(base)  # warm-up (allocator, kernels)
+        base_s = median_time(lambda: forward(base), args, repeats)
+        unmerged_s = median_time(lambda: forward(model), args, repeats)
+        merged = model.merge_and_unload()
+        merged_s = median_time(lambda: forward(merged), args, repeats)
+    return {"base_s": base_s, "unmerged_s": unmerged_s, "merged_s": merged_s,
+            "unmerged_over_base": unmerged_s / base_s, "merged_over_base": merged_s / base_s}
+
+
+def run_adapter_switch(args) -> dict:
+    """`set_adapter` between two loaded LoRA domains versus loading the base model and the adapter again."""
+    with tempfile.TemporaryDirectory() as tmp:
+        base_dir = Path(tmp) / "base"
+        torch.manual_seed(0)
+        Sam2Model(build_config(args.config, args.image_size)).save_pretrained(base_dir)
+        folders = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            model = apply_strategy(load_sam2(base_dir), "lora", r=8, init_lora_weights=False)
+            folders.append(Path(tmp) / f"domain{seed}")
+            save_adapter(model, folders[-1], base_model_name_or_path=str(base_dir), strategy="lora")
+        domains = DomainAdapters(load_sam2(base_dir)).add("a", folders[0]).add("b", folders[1])
+        names = iter(["a", "b"] * 50)
+        switch_s = median_time(lambda: domains.use(next(names)), args, 20)
+        reload_s = median_time(lambda: load_adapter(load_sam2(base_dir), folders[1]), args, max(3, args.steps))
+    return {"switch_s": switch_s, "reload_s": reload_s, "reload_over_switch": reload_s / switch_s}
+
+
+def to_markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [
+        f"# sam2-peft benchmark: {s['config']}, {s['image_size']} px, batch {s['batch_size']}, {s['steps']} steps, "
+        f"{s['device']}",
+        "",
+        f"Command: `{s['command']}`",
+        "",
+        f"| strategy | cache | naive s/step | ours s/step (1st epoch) | ours s/step | images/s | speedup | "
+        f"peak MB ({s['memory']}) | memory / full |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    full_memory = report["strategies"].get("full", {}).get("peak_mb")
+    for name, row in report["strategies"].items():
+        ratio = f"{row['peak_mb'] / full_memory:.2f}" if full_memory and row.get("peak_mb") else "-"
+        memory = f"{row['peak_mb']:.0f}" if row.get("peak_mb") is not None else "-"
+        lines.append(
+            f"| {name} | {row['cache'] or '-'} | {row['naive_step_s']:.3f} | {row['ours_first_epoch_step_s']:.3f} | "
+            f"{row['ours_step_s']:.3f} | {row['images_per_s']:.2f} | {row['speedup']:.1f}x | {memory} | {ratio} |"
+        )
+    inf, sw = report["inference"], report["adapter_switch"]
+    lines += [
+        "",
+        f"Inference (one batch, no grad): base {inf['base_s']:.3f} s, LoRA unmerged {inf['unmerged_s']:.3f} s "
+        f"({inf['unmerged_over_base']:.3f}x), merged {inf['merged_s']:.3f} s ({inf['merged_over_base']:.3f}x).",
+        "",
+        f"Adapter switch: {sw['switch_s'] * 1e3:.3f} ms; reload base + adapter: {sw['reload_s'] * 1e3:.1f} ms "
+        f"({sw['reload_over_switch']:.0f}x).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="hiera-tiny", help="hiera-tiny (Sam2Config() default) or tiny-random")
+    parser.add_argument("--image_size", type=int, default=1024)
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3, help="batches per epoch (distinct images)")
+    parser.add_argument("--objects", type=int, default=4, help="box-prompted objects per image")
+    parser.add_argument("--strategies", default="decoder,partial,lora,full")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="checkpoint Hiera blocks in ours")
+    parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--output", default="runs/benchmark", help="folder for benchmark.json and benchmark.md")
+    parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one CPU memory run
+    args = parser.parse_args()
+    args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.probe:
+        run_probe(args)
+        return
+    strategies = args.strategies.split(",")
+    unknown = sorted(set(strategies) - set(STRATEGIES))
+    if unknown:
+        raise SystemExit(f"--strategies: unknown {unknown}; choose from {','.join(STRATEGIES)}.")
+
+    batches = make_batches(args, args.steps)
+    cuda = args.device.type == "cuda"
+    report = {"settings": {
+        "config": args.config, "image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
+        "objects": args.objects, "gradient_checkpointing": args.gradient_checkpointing,
+        "device": torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads",
+        "memory": "CUDA max allocated" if cuda else "peak RSS growth",
+        "command": " ".join(["python", "scripts/benchmark.py", *sys.argv[1:]]),
+    }, "strategies": {}}
+    for strategy in strategies:
+        row = run_strategy(args, strategy, batches)
+        row["peak_mb"] = None if args.no_memory else probe_memory(args, strategy, "ours")
+        report["strategies"][strategy] = row
+        print(f"{strategy}: {json.dumps(row)}", flush=True)
+    report["inference"] = run_inference(args)
+    report["adapter_switch"] = run_adapter_switch(args)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "benchmark.json").write_text(json.dumps(report, indent=2))
+    markdown = to_markdown(report)
+    (output / "benchmark.md").write_text(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
