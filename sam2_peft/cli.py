@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help()
         return
     parsed, rest = parser.parse_known_args(argv[:1])
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("sam2_peft").setLevel(logging.INFO)
     HANDLERS[parsed.command](argv[1:] + rest)
 
 

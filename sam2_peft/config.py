@@ -87,6 +87,13 @@ class TrainConfig:
     object_weight: float = _help("Weight of the object-score loss.", default=1.0)
     max_nonfinite_steps: int = _help("Stop with an error after this many NaN/inf losses in a row (each is skipped).", default=5)
 
+    # Speed and memory
+    cache_features: bool = _help("Cache what frozen encoder parts compute (decoder: all features; partial: the frozen blocks).", default=True)
+    cache_views: int = _help("With pixel-changing augmentation, augmented views cached per image (draws repeat every N epochs).", default=4)
+    cache_dir: str | None = _help("Keep the feature cache on disk (safetensors) instead of in memory.", default=None)
+    gradient_checkpointing: bool = _help("Recompute trainable Hiera blocks' activations in backward: less memory, ~30% more compute.", default=False)
+    compile: bool = _help("torch.compile the mask decoder (needs a C++ compiler on CPU).", default=False)
+
     # Evaluation, checkpoints, logging
     eval_steps: int | None = _help("Validate every N optimiser steps; default once per epoch.", default=None)
     eval_metric: str = _help("Validation metric for early stopping and the best checkpoint: dice or iou.", default="dice")

@@ -22,9 +22,11 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from sam2_peft.caching import plan_cache, preprocessing_key
 from sam2_peft.config import TrainConfig
 from sam2_peft.data import AugmentConfig, Preprocessor, PromptConfig, SegmentationDataset, collate_objects, load_source
 from sam2_peft.hub import save_adapter
+from sam2_peft.memory import compile_trainable, enable_gradient_checkpointing
 from sam2_peft.models import load_sam2, model_fingerprint
 from sam2_peft.strategies import apply_strategy, trainable_summary
 from sam2_peft.training import (
@@ -96,6 +98,10 @@ def finetune(cfg: TrainConfig) -> dict:
     model = apply_strategy(model, cfg.strategy, **cfg.strategy_options())
     if accelerator.is_main_process:
         logger.info("Trainable parameters (%s):\n%s", cfg.strategy, trainable_summary(model))
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if cfg.compile:
+        compile_trainable(model)
     module = InteractiveSegmenter(model)
 
     preprocessor = Preprocessor.from_model(model)
@@ -117,6 +123,16 @@ def finetune(cfg: TrainConfig) -> dict:
         **common,
     )
     val_set = SegmentationDataset(splits["val"], preprocessor, prompts="box", split="val", **common)
+    plan = plan_cache(
+        model,
+        changes_pixels=train_set.changes_pixels,
+        enabled=cfg.cache_features,
+        num_views=cfg.cache_views,
+        num_images=len(train_set),
+    )
+    accelerator.print(plan.message)
+    train_cache = plan.build(base_fingerprint, preprocessing_key(train_set), directory=cfg.cache_dir)
+    val_cache = plan.build(base_fingerprint, preprocessing_key(val_set), directory=cfg.cache_dir)
     loader_options = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_objects)
     train_loader = DataLoader(train_set, shuffle=True, **loader_options)
     val_loader = DataLoader(val_set, shuffle=False, **loader_options)
@@ -143,8 +159,17 @@ def finetune(cfg: TrainConfig) -> dict:
             "it, or choose another --output_dir."
         )
 
+    def attach_cache(batch: dict, cache, view: int = 0) -> None:
+        segmenter = accelerator.unwrap_model(module).segmenter
+        if plan.kind == "features":
+            batch["image_features"] = cache.features(segmenter, batch, view=view)
+        else:
+            batch["image_prefix"] = cache.prefix(segmenter, batch, view=view)
+            batch["prefix_start_block"] = plan.start_block
+
+    attach_val = None if val_cache is None else (lambda batch: attach_cache(batch, val_cache))
     if state.step == 0 and not state.history:
-        baseline = validate(module, val_loader, accelerator)
+        baseline = validate(module, val_loader, accelerator, attach_cache=attach_val)
         state.history.append({"step": 0, **baseline})
         accelerator.print(f"Before training: dice {baseline['dice']:.4f}, iou {baseline['iou']:.4f}")
 
@@ -155,10 +180,12 @@ def finetune(cfg: TrainConfig) -> dict:
     stop = state.step >= total_steps
     module.train()
     while not stop:
-        train_set.set_epoch(state.epoch)
+        train_set.set_epoch(plan.dataset_epoch(state.epoch))
         train_loader.set_epoch(state.epoch)
         loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
         for batch in loader:
+            if train_cache is not None:
+                attach_cache(batch, train_cache, plan.view(state.epoch))
             with accelerator.accumulate(module):
                 # Dropout and correction clicks draw from generators seeded by the step, so a resumed run draws the
                 # same numbers whatever else (a new DataLoader iterator, say) consumed the global RNG meanwhile.
@@ -211,7 +238,7 @@ def finetune(cfg: TrainConfig) -> dict:
                 progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
                 window = {"loss": 0.0, "count": 0, "images": 0, "start": time.perf_counter()}
             if state.step % eval_steps == 0 or state.step == total_steps:
-                scores = validate(module, val_loader, accelerator, cfg.correction_rounds)
+                scores = validate(module, val_loader, accelerator, cfg.correction_rounds, attach_val)
                 state.history.append({"step": state.step, **scores})
                 accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=state.step)
                 progress.write(f"step {state.step}: val dice {scores['dice']:.4f}, iou {scores['iou']:.4f}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import resource
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
+from sam2_peft.caching import encode_from_prefix
 from sam2_peft.data.prompts import sample_correction_clicks
 from sam2_peft.losses import LossWeights, downsample_targets, sam2_multistep_loss
 from sam2_peft.metrics.kernels import segmentation_scores
@@ -47,8 +49,16 @@ class InteractiveSegmenter(nn.Module):
         generator: torch.Generator | None = None,
         multimask_output: bool = True,
     ) -> list[SegmenterOutput]:
-        """Predict masks for `batch` (the dict of `collate_objects`); returns one output per round."""
+        """Predict masks for `batch` (the dict of `collate_objects`); returns one output per round.
+
+        `batch` may carry cached encoder output: `image_features` (the FPN maps) or `image_prefix` with
+        `prefix_start_block` (the activations entering the first trainable Hiera block).
+        """
         features = batch.get("image_features")
+        if features is None and "image_prefix" in batch:
+            # The frozen blocks' activations came from a cache; the trainable blocks run here, inside forward.
+            vision_encoder = self.segmenter.sam.vision_encoder
+            features = encode_from_prefix(vision_encoder, batch["image_prefix"], batch["prefix_start_block"])
         if features is None:
             features = self.segmenter.encode_images(batch["pixel_values"])
         coords, labels = batch["point_coords"], batch["point_labels"]
@@ -140,15 +150,19 @@ def masks_at_original_size(logits: torch.Tensor, batch: dict, input_size: int) -
 
 
 @torch.no_grad()
-def validate(module: nn.Module, loader, accelerator, correction_rounds: int = 0) -> dict[str, float]:
+def validate(
+    module: nn.Module, loader, accelerator, correction_rounds: int = 0, attach_cache: Callable | None = None
+) -> dict[str, float]:
     """Mean Dice, IoU, precision and recall over all objects of `loader`, at the images' original resolution.
 
     Per-image records are gathered with `gather_for_metrics`, so the duplicates that pad the last batch under data
-    parallelism are dropped.
+    parallelism are dropped. `attach_cache(batch)`, when given, adds cached encoder output to each batch.
     """
     module.eval()
     records = []
     for batch in loader:
+        if attach_cache is not None:
+            attach_cache(batch)
         outputs = module(batch, correction_rounds=correction_rounds)
         logits = best_mask_logits(outputs[-1])
         input_size = batch["masks"].shape[-1]
