@@ -69,9 +69,14 @@ def _merge(args: list[str]) -> None:
     parser.add_argument("--format", default="hf", choices=["hf", "sam2"])
     parser.add_argument("--sam2_config", default=None, help="official config name for --format sam2 (guessed if unset)")
     parser.add_argument("--revision", default=None, help="adapter revision on the Hub")
+    parser.add_argument(
+        "--video_source", default=None, help="--format sam2: official checkpoint to copy the video-only modules from"
+    )
     parsed = parser.parse_args(args)
     model = load_adapter(load_sam2(parsed.model, sam2_config=parsed.sam2_config), parsed.adapter, revision=parsed.revision)
-    path = merge_to_folder(model, parsed.output_dir, format=parsed.format, sam2_config=parsed.sam2_config)
+    path = merge_to_folder(
+        model, parsed.output_dir, format=parsed.format, sam2_config=parsed.sam2_config, video_source=parsed.video_source
+    )
     print(f"Merged model written to {path}")
 
 
