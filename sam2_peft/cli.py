@@ -6,6 +6,7 @@
     sam2-peft push     ADAPTER_DIR --repo_id USER/NAME [--private] [--revision REV]
     sam2-peft convert  --sam2_checkpoint FILE.pt --sam2_config NAME --output_dir DIR
     sam2-peft data     DIR [--mask_type instance|semantic]
+    sam2-peft predict  --model M [--adapter NAME=A ...] [--domain NAME] --image IMG --box X1,Y1,X2,Y2 --output PNG
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ COMMANDS = {
     "push": "upload an adapter folder to the Hugging Face Hub",
     "convert": "convert an official sam2 checkpoint (.pt) into a Hugging Face model folder",
     "data": "check a dataset: images, objects, and what would be skipped and why",
+    "predict": "segment boxes in an image file, choosing a domain's adapter with --domain",
 }
 
 
@@ -168,6 +170,46 @@ def _compare(args: list[str]) -> None:
     compare_strategies(cfg, parse_strategies(parsed.strategies), cfg.output_dir)
 
 
+def _predict(args: list[str]) -> None:
+    from sam2_peft.hub import DomainAdapters, load_adapter
+    from sam2_peft.models import load_sam2
+    from sam2_peft.prediction import save_label_map, segment_image
+
+    parser = argparse.ArgumentParser(prog="sam2-peft predict", description=COMMANDS["predict"])
+    parser.add_argument("--model", required=True)
+    parser.add_argument(
+        "--adapter", action="append", default=[], metavar="[NAME=]PATH",
+        help="adapter folder or Hub id; repeat with NAME=PATH to register several domains",
+    )
+    parser.add_argument("--domain", default=None, help="which registered adapter to use")
+    parser.add_argument("--image", required=True)
+    parser.add_argument("--box", action="append", required=True, metavar="X1,Y1,X2,Y2", help="repeat for more objects")
+    parser.add_argument("--output", required=True, help="label-map PNG to write (object i has value i)")
+    parsed = parser.parse_args(args)
+    boxes = []
+    for box in parsed.box:
+        try:
+            x1, y1, x2, y2 = (float(value) for value in box.split(","))
+        except ValueError:
+            raise ValueError(f"--box {box}: expected four comma-separated numbers x1,y1,x2,y2.") from None
+        boxes.append((x1, y1, x2, y2))
+    model = load_sam2(parsed.model)
+    named = [spec.split("=", 1) if "=" in spec else (None, spec) for spec in parsed.adapter]
+    if any(name for name, _ in named):
+        model = DomainAdapters(model)
+        for name, path in named:
+            if name is None:
+                raise ValueError(f"--adapter {path}: name every adapter (NAME=PATH) when registering domains.")
+            model.add(name, path)
+    elif named:
+        if len(named) > 1 or parsed.domain:
+            raise ValueError("Several adapters or --domain need names: --adapter NAME=PATH.")
+        model = load_adapter(model, named[0][1])
+    labels = segment_image(model, parsed.image, boxes, domain=parsed.domain)
+    path = save_label_map(labels, parsed.output)
+    print(f"{len(boxes)} object(s): {[int((labels == i + 1).sum()) for i in range(len(boxes))]} pixels; wrote {path}")
+
+
 HANDLERS = {
     "train": _train,
     "eval": _eval,
@@ -176,6 +218,7 @@ HANDLERS = {
     "push": _push,
     "convert": _convert,
     "data": _data,
+    "predict": _predict,
 }
 
 

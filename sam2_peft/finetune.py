@@ -235,7 +235,12 @@ def finetune(cfg: TrainConfig) -> dict:
                 }
                 state.history.append(row)
                 accelerator.log(row, step=state.step)
-                progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                progress.set_postfix(
+                    loss=f"{row['loss']:.4f}",
+                    lr=f"{row['lr']:.2e}",
+                    img_s=f"{row['images_per_s']:.1f}",
+                    mem_mb=f"{row['peak_memory_mb']:.0f}",
+                )
                 window = {"loss": 0.0, "count": 0, "images": 0, "start": time.perf_counter()}
             if state.step % eval_steps == 0 or state.step == total_steps:
                 scores = validate(module, val_loader, accelerator, cfg.correction_rounds, attach_val)
@@ -272,7 +277,7 @@ def finetune(cfg: TrainConfig) -> dict:
         "steps": state.step,
         "nonfinite_steps": state.nonfinite_total,
         "throughput": {
-            "images_per_s": sum(row["images_per_s"] for row in train_rows) / max(len(train_rows), 1),
+            "images_per_s": sum(row["images_per_s"] for row in train_rows) / len(train_rows) if train_rows else None,
             "peak_memory_mb": max((row["peak_memory_mb"] for row in train_rows), default=None),
         },
     }

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from transformers import Sam2Model
@@ -79,3 +81,21 @@ def test_bad_input_fails_plainly(tmp_path, capsys):
     assert "--adapter" in capsys.readouterr().err
     with pytest.raises(ValueError, match="missing.pt: no such checkpoint file"):
         main(["convert", "--sam2_checkpoint", str(tmp_path / "missing.pt"), "--output_dir", str(tmp_path / "o")])
+
+
+def test_predict_with_domains_matches_each_adapter_alone(trained, tmp_path):
+    image = Path(SAMPLE_DATA) / "val" / "images"
+    image = sorted(image.iterdir())[0]
+    lora = str(trained / "lora" / "final")
+    box = ["--box", "40,40,120,120", "--box", "100,90,200,190"]
+    main(["predict", "--model", "tiny-random", "--adapter", f"cells={lora}", "--adapter", f"copy={lora}",
+          "--domain", "cells", "--image", str(image), *box, "--output", str(tmp_path / "domain.png")])
+    main(["predict", "--model", "tiny-random", "--adapter", lora, "--image", str(image), *box,
+          "--output", str(tmp_path / "alone.png")])
+    domain, alone = (np.asarray(PIL.Image.open(tmp_path / f"{n}.png")) for n in ("domain", "alone"))
+    assert domain.shape == alone.shape == PIL.Image.open(image).size[::-1]
+    assert np.array_equal(domain, alone)
+    assert set(np.unique(domain)) <= {0, 1, 2}
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        main(["predict", "--model", "tiny-random", "--adapter", lora, "--domain", "x", "--image", str(image),
+              *box, "--output", str(tmp_path / "x.png")])

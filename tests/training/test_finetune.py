@@ -94,3 +94,14 @@ def test_resume_needs_a_complete_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         finetune(tiny_config(tmp_path, resume_from_checkpoint="latest"))
     assert not (tmp_path / "checkpoints" / "checkpoint_0" / COMPLETE_MARKER).exists()
+
+
+def test_bf16_autocast_and_tensorboard_logging(tmp_path):
+    metrics = finetune(tiny_config(tmp_path, strategy="lora", mixed_precision="bf16", report_to="tensorboard"))
+    assert metrics["steps"] == 4 and math.isfinite(metrics["final"]["dice"])
+    events = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert events, "no tensorboard event file"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+    assert {"loss", "lr", "images_per_s", "peak_memory_mb", "val/dice"} <= set(tags)
