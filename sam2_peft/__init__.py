@@ -7,5 +7,17 @@
 
 from sam2_peft.models import load_sam2, model_fingerprint
 from sam2_peft.segmenter import Sam2Segmenter, SegmenterOutput, combine_prompts
+from sam2_peft.strategies import apply_strategy, trainable_summary
+from sam2_peft.targets import resolve_targets
 
-__all__ = ["Sam2Segmenter", "SegmenterOutput", "combine_prompts", "load_sam2", "model_fingerprint"]
+__version__ = "0.1.0"
+__all__ = [
+    "Sam2Segmenter",
+    "SegmenterOutput",
+    "apply_strategy",
+    "combine_prompts",
+    "load_sam2",
+    "model_fingerprint",
+    "resolve_targets",
+    "trainable_summary",
+]
