@@ -452,3 +452,31 @@ def test_export_refuses_a_config_the_official_package_cannot_build(tiny_official
     # The tiny test YAML has no memory modules: build_sam2 could not load any checkpoint made for it.
     with pytest.raises(OfficialCheckpointError, match="cannot build this config"):
         export_official_checkpoint(tiny_official.model, tmp_path / "never.pt", str(tiny_official.config))
+
+
+@needs_sam2
+def test_merged_official_checkpoint_runs_in_the_image_predictor_like_the_unmerged_adapter(official_cases, tmp_path):
+    from sam2.build_sam import build_sam2
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    case = official_cases("sam2.1_hiera_t")
+    model = Sam2Model(case.model.config)
+    model.load_state_dict(case.model.state_dict())
+    torch.manual_seed(2)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["qkv", "q_proj", "v_proj"], init_lora_weights=False)
+    ).eval()
+    image = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)  # the image of `case`
+    coords, point_labels = combine_prompts(BOX)
+    with torch.no_grad():
+        unmerged = Sam2Segmenter(peft_model)(case.predictor._transforms(image)[None], image_index=torch.tensor([0]),
+                                             point_coords=coords, point_labels=point_labels)
+    checkpoint = merge_to_folder(peft_model, tmp_path, format="sam2", video_source=case.checkpoint)
+    predictor = SAM2ImagePredictor(build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", str(checkpoint), device="cpu"))
+    predictor.set_image(image)
+    with torch.no_grad():
+        _, iou, logits = predictor._predict(None, None, boxes=BOX, multimask_output=True, return_logits=True)
+        _, _, base_logits = case.predictor._predict(None, None, boxes=BOX, multimask_output=True, return_logits=True)
+    assert (logits - base_logits).abs().max() > 1e-2  # the adapter is in the merged file
+    torch.testing.assert_close(unmerged.mask_logits.clamp(-32.0, 32.0), logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(unmerged.iou_scores, iou, atol=1e-4, rtol=0)
