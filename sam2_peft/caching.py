@@ -4,7 +4,7 @@
     logger.info(plan.message)                                   # says plainly what is cached, or why nothing is
     cache = plan.build(base_fingerprint, preprocessing_key(train_set), directory=cfg.cache_dir)
     for epoch in ...:
-        train_set.set_epoch(plan.dataset_epoch(epoch))         # augmented views repeat every `num_views` epochs
+        train_set.augment_views = plan.num_views                # augmented views repeat every `num_views` epochs
         for batch in loader:
             batch["image_features"] = cache.features(segmenter, batch, view=plan.view(epoch))
 
@@ -338,10 +338,6 @@ class CachePlan:
     start_block: int | None
     num_views: int
     message: str
-
-    def dataset_epoch(self, epoch: int) -> int:
-        """The epoch to give `SegmentationDataset.set_epoch`: views repeat every `num_views` epochs."""
-        return epoch % self.num_views if self.kind and self.num_views > 1 else epoch
 
     def view(self, epoch: int) -> int:
         """The view index of `epoch`'s images, for `FeatureCache.features(..., view=)`."""

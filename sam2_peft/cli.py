@@ -236,10 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return
-    parsed, rest = parser.parse_known_args(argv[:1])
+    command = parser.parse_args(argv[:1]).command
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("sam2_peft").setLevel(logging.INFO)
-    HANDLERS[parsed.command](argv[1:] + rest)
+    HANDLERS[command](argv[1:])
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ class TrainConfig:
     cache_features: bool = _help("Cache what frozen encoder parts compute (decoder: all features; partial: the frozen blocks).", default=True)
     cache_views: int = _help("With pixel-changing augmentation, augmented views cached per image (draws repeat every N epochs).", default=4)
     cache_dir: str | None = _help("Keep the feature cache on disk (safetensors) instead of in memory.", default=None)
-    gradient_checkpointing: bool = _help("Recompute trainable Hiera blocks' activations in backward: less memory, ~30% more compute.", default=False)
+    gradient_checkpointing: bool = _help("Recompute trainable Hiera blocks' activations in backward: less memory, about a third more compute.", default=False)
     compile: bool = _help("torch.compile the mask decoder (needs a C++ compiler on CPU).", default=False)
 
     # Evaluation, checkpoints, logging
@@ -125,6 +125,17 @@ class TrainConfig:
                 raise ValueError(f"`--{name}` must be at least 1, got {getattr(self, name)}.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"`--max_steps` must be at least 1, got {self.max_steps}.")
+        for name in ("eval_steps", "checkpoint_steps", "early_stopping_patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"`--{name}` must be at least 1 (or unset), got {getattr(self, name)}.")
+        for name in ("max_nonfinite_steps", "cache_views", "checkpoint_total_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`--{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.checkpoint_total_limit < 2:
+            raise ValueError("`--checkpoint_total_limit` must be at least 2, so a crash while saving leaves one intact.")
+        for name in ("warmup_ratio", "val_fraction", "box_jitter", "lora_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"`--{name}` must be in [0, 1), got {getattr(self, name)}.")
         if not 0 <= self.box_probability <= 1:
             raise ValueError(f"`--box_probability` must be in [0, 1], got {self.box_probability}.")
         if self.learning_rate is None:
@@ -140,7 +151,10 @@ class TrainConfig:
         if self.ct_window is None:
             return IntensityConfig(mode=self.intensity)
         if "," in self.ct_window:
-            level, width = (float(part) for part in self.ct_window.split(","))
+            try:
+                level, width = (float(part) for part in self.ct_window.split(","))
+            except ValueError:
+                raise ValueError(f"`--ct_window {self.ct_window}`: use a preset or 'level,width', e.g. '40,400'.") from None
             return IntensityConfig(mode="window", window=(level, width))
         return IntensityConfig(mode="window", window=self.ct_window)
 

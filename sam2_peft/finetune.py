@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, set_seed
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -50,10 +52,25 @@ TRACKERS = {"none": None, "tensorboard": ["tensorboard"], "wandb": ["wandb"], "a
 def finetune(cfg: TrainConfig) -> dict:
     """Fine-tune SAM2 as `cfg` says and write `final/`, `metrics.json`, `checkpoints/` and plots to `cfg.output_dir`.
 
+    `final/` holds the best validation's weights (restored at the end).
+
     Returns:
-        The content of `metrics.json`: `baseline` (before training), `final` (last validation) and `best`
-        validation metrics, `best_step`, `steps` and `nonfinite_steps`.
+        The content of `metrics.json`: `baseline` (before training), `last` (the last validation) and `best`
+        validation metrics, `best_step`, `steps`, `nonfinite_steps` and `throughput`.
     """
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    # Some CPU backward kernels (index accumulation) otherwise add in a thread-dependent order.
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    try:
+        return _run(cfg)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        # accelerate keeps its settings (mixed precision, ...) in a process-wide singleton: clear them so that
+        # another run in this process (tests, `compare` without isolation) may choose its own.
+        AcceleratorState._reset_state()
+
+
+def _run(cfg: TrainConfig) -> dict:
     output_dir = Path(cfg.output_dir)
     accelerator = Accelerator(
         # Without a GPU, accelerate only goes multi-process (gloo) when told it runs on CPU.
@@ -73,9 +90,6 @@ def finetune(cfg: TrainConfig) -> dict:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(cfg.seed)
-    # Some CPU backward kernels (index accumulation) otherwise add in a thread-dependent order.
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(output_dir / "config.yaml")
@@ -131,6 +145,8 @@ def finetune(cfg: TrainConfig) -> dict:
         num_images=len(train_set),
     )
     accelerator.print(plan.message)
+    if plan.kind is not None and train_set.changes_pixels:
+        train_set.augment_views = plan.num_views
     train_cache = plan.build(base_fingerprint, preprocessing_key(train_set), directory=cfg.cache_dir)
     val_cache = plan.build(base_fingerprint, preprocessing_key(val_set), directory=cfg.cache_dir)
     loader_options = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_objects)
@@ -169,7 +185,7 @@ def finetune(cfg: TrainConfig) -> dict:
 
     attach_val = None if val_cache is None else (lambda batch: attach_cache(batch, val_cache))
     if state.step == 0 and not state.history:
-        baseline = validate(module, val_loader, accelerator, attach_cache=attach_val)
+        baseline = validate(module, val_loader, accelerator, attach_cache=attach_val, seed=cfg.seed)
         state.history.append({"step": 0, **baseline})
         accelerator.print(f"Before training: dice {baseline['dice']:.4f}, iou {baseline['iou']:.4f}")
 
@@ -180,8 +196,8 @@ def finetune(cfg: TrainConfig) -> dict:
     stop = state.step >= total_steps
     module.train()
     while not stop:
-        train_set.set_epoch(plan.dataset_epoch(state.epoch))
         train_loader.set_epoch(state.epoch)
+        train_set.set_epoch(state.epoch)
         loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
         for batch in loader:
             if train_cache is not None:
@@ -213,7 +229,9 @@ def finetune(cfg: TrainConfig) -> dict:
             else:
                 state.nonfinite_in_row += 1
                 state.nonfinite_total += 1
-                accelerator.print(f"Step {state.step}: non-finite loss, step skipped ({state.nonfinite_total} so far).")
+                accelerator.print(
+                    f"Step {state.step}: non-finite loss; this batch's update is skipped ({state.nonfinite_total} so far)."
+                )
                 if state.nonfinite_in_row >= cfg.max_nonfinite_steps:
                     raise RuntimeError(
                         f"{state.nonfinite_in_row} non-finite losses in a row (--max_nonfinite_steps "
@@ -243,20 +261,19 @@ def finetune(cfg: TrainConfig) -> dict:
                 )
                 window = {"loss": 0.0, "count": 0, "images": 0, "start": time.perf_counter()}
             if state.step % eval_steps == 0 or state.step == total_steps:
-                scores = validate(module, val_loader, accelerator, cfg.correction_rounds, attach_val)
+                scores = validate(module, val_loader, accelerator, cfg.correction_rounds, attach_val, cfg.seed)
                 state.history.append({"step": state.step, **scores})
                 accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=state.step)
-                progress.write(f"step {state.step}: val dice {scores['dice']:.4f}, iou {scores['iou']:.4f}")
-                if state.record_eval(scores[cfg.eval_metric]) and accelerator.is_main_process:
-                    _save_trainable(accelerator.unwrap_model(module), best_path)
+                accelerator.print(f"step {state.step}: val dice {scores['dice']:.4f}, iou {scores['iou']:.4f}")
+                if state.record_eval(scores[cfg.eval_metric]):
+                    _save_trainable(accelerator, module, best_path, state.step)
                 stop = state.should_stop(cfg.early_stopping_patience) or state.step >= total_steps
                 if stop and state.step < total_steps:
-                    progress.write(f"Early stopping: no {cfg.eval_metric} gain in {cfg.early_stopping_patience} evals.")
-            if state.step % checkpoint_steps == 0 and not stop:
-                _checkpoint(accelerator, state)
-            if stop or state.step >= total_steps:
-                stop = True
+                    accelerator.print(f"Early stopping: no {cfg.eval_metric} gain in {cfg.early_stopping_patience} evals.")
+            if stop:
                 break
+            if state.step % checkpoint_steps == 0:
+                _checkpoint(accelerator, state)
         else:
             state.epoch += 1
             state.batches_in_epoch = 0
@@ -265,13 +282,13 @@ def finetune(cfg: TrainConfig) -> dict:
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(module)
     evals = [row for row in state.history if "dice" in row]
-    if best_path.is_file():
-        unwrapped.load_state_dict(load_file(best_path), strict=False)
+    if state.best_step is not None:
+        _restore_trainable(unwrapped, best_path, state.best_step)
     best = next(row for row in evals if row["step"] == state.best_step) if state.best_step is not None else evals[-1]
     train_rows = [row for row in state.history if "loss" in row]
     metrics = {
         "baseline": evals[0] if evals[0]["step"] == 0 else None,
-        "final": evals[-1],
+        "last": evals[-1],
         "best": best,
         "best_step": state.best_step,
         "steps": state.step,
@@ -295,7 +312,6 @@ def finetune(cfg: TrainConfig) -> dict:
         _write_json(output_dir / "history.json", {"history": state.history})
         plot_history(state.history, output_dir / "training_curves.png")
     accelerator.end_training()
-    torch.use_deterministic_algorithms(was_deterministic)
     return metrics
 
 
@@ -317,6 +333,12 @@ def _resume(accelerator: Accelerator, state: TrainState, where: str, checkpoints
                 accelerator.print(f"Removing {partial}: a checkpoint the interrupted run did not finish writing.")
                 shutil.rmtree(partial)
     accelerator.wait_for_everyone()
+    following = checkpoints_dir / f"checkpoint_{state.checkpoints_saved}"
+    if following.exists():
+        raise FileExistsError(
+            f"--resume_from_checkpoint {where}: later checkpoints ({following}, ...) exist in {checkpoints_dir}. "
+            "Resume from 'latest', or move the later ones away to branch from this one."
+        )
     accelerator.print(f"Resumed from {path} at step {state.step}.")
 
 
@@ -326,15 +348,36 @@ def _checkpoint(accelerator: Accelerator, state: TrainState) -> None:
     path = Path(accelerator.save_state())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (path / COMPLETE_MARKER).touch()
+        # The marker holds the step, which orders checkpoints for `latest` whatever their folder names and times.
+        (path / COMPLETE_MARKER).write_text(str(state.step))
 
 
-def _save_trainable(module: torch.nn.Module, path: Path) -> None:
-    tensors = {name: p.detach().cpu().contiguous() for name, p in module.named_parameters() if p.requires_grad}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    save_file(tensors, temporary)
-    os.replace(temporary, path)
+def _save_trainable(accelerator: Accelerator, module: torch.nn.Module, path: Path, step: int) -> None:
+    """Write the trainable tensors (gathered on the main process, whatever the sharding) with their step."""
+    trainable = {name for name, p in accelerator.unwrap_model(module).named_parameters() if p.requires_grad}
+    state_dict = accelerator.get_state_dict(module)
+    if accelerator.is_main_process:
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items() if name in trainable}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        save_file(tensors, temporary, metadata={"step": str(step)})
+        os.replace(temporary, path)
+
+
+def _restore_trainable(module: torch.nn.Module, path: Path, step: int) -> None:
+    """Load the best weights saved at `step` into `module`, refusing a file from another step or with other keys."""
+    with safe_open(path, framework="pt") as handle:
+        saved_step = int(handle.metadata()["step"])
+    if saved_step != step:
+        raise RuntimeError(
+            f"{path} holds the weights of step {saved_step}, but the best validation was at step {step}; it was "
+            "overwritten by a run that did not finish. Resume from an earlier checkpoint or retrain."
+        )
+    missing, unexpected = module.load_state_dict(load_file(path), strict=False)
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    if unexpected or trainable & set(missing):
+        raise RuntimeError(f"{path} does not fit the model: missing {sorted(trainable & set(missing))[:5]}, "
+                           f"unexpected {unexpected[:5]}.")
 
 
 def _write_json(path: Path, payload: dict) -> None:

@@ -94,6 +94,7 @@ def best_mask_logits(output: SegmenterOutput) -> torch.Tensor:
 
 
 def loss_weights(cfg) -> LossWeights:
+    """The loss term weights of a `TrainConfig`."""
     return LossWeights(focal=cfg.focal_weight, dice=cfg.dice_weight, iou=cfg.iou_weight, object_score=cfg.object_weight)
 
 
@@ -151,34 +152,37 @@ def masks_at_original_size(logits: torch.Tensor, batch: dict, input_size: int) -
 
 @torch.no_grad()
 def validate(
-    module: nn.Module, loader, accelerator, correction_rounds: int = 0, attach_cache: Callable | None = None
+    module: nn.Module,
+    loader,
+    accelerator,
+    correction_rounds: int = 0,
+    attach_cache: Callable | None = None,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Mean Dice, IoU, precision and recall over all objects of `loader`, at the images' original resolution.
 
-    Per-image records are gathered with `gather_for_metrics`, so the duplicates that pad the last batch under data
-    parallelism are dropped. `attach_cache(batch)`, when given, adds cached encoder output to each batch.
+    Per-image records are gathered batch by batch with `gather_for_metrics`, which drops the duplicates that pad the
+    last batch under data parallelism. `attach_cache(batch)`, when given, adds cached encoder output to each batch.
+    Correction clicks draw from a generator seeded by `seed`, so the same weights always get the same scores.
     """
     module.eval()
-    records = []
+    clicks = torch.Generator(device=accelerator.device).manual_seed(seed + accelerator.process_index)
+    objects = []
     for batch in loader:
         if attach_cache is not None:
             attach_cache(batch)
-        outputs = module(batch, correction_rounds=correction_rounds)
+        outputs = module(batch, correction_rounds=correction_rounds, generator=clicks)
         logits = best_mask_logits(outputs[-1])
-        input_size = batch["masks"].shape[-1]
-        predictions = masks_at_original_size(logits, batch, input_size)
+        predictions = masks_at_original_size(logits, batch, batch["masks"].shape[-1])
         per_image = [[] for _ in batch["image_ids"]]
         for index, (pred, target) in enumerate(zip(predictions, batch["full_masks"])):
-            target = torch.as_tensor(target, device=pred.device)
-            scores = segmentation_scores(pred[None], target[None])
-            image = int(batch["image_index"][index])
-            per_image[image].append({name: float(scores[name][0]) for name in SCORE_NAMES})
-        records.extend(per_image)
-    gathered = accelerator.gather_for_metrics(records, use_gather_object=True)
-    objects = [obj for image in gathered for obj in image]
+            scores = segmentation_scores(pred[None], torch.as_tensor(target, device=pred.device)[None])
+            per_image[int(batch["image_index"][index])].append({name: float(scores[name][0]) for name in SCORE_NAMES})
+        gathered = accelerator.gather_for_metrics(per_image, use_gather_object=True)
+        objects.extend(obj for image in gathered for obj in image)
     module.train()
     if not objects:
-        raise ValueError("The validation set produced no object to score.")
+        raise ValueError("The validation split produced no object to score; check it with `sam2-peft data`.")
     result = {name: sum(obj[name] for obj in objects) / len(objects) for name in SCORE_NAMES}
     result["num_objects"] = len(objects)
     return result
@@ -223,9 +227,9 @@ class TrainState:
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder in `checkpoints_dir` (by save order), or None."""
+    """The complete checkpoint folder in `checkpoints_dir` at the highest training step, or None."""
     complete = [path for path in checkpoints_dir.glob("checkpoint_*") if (path / COMPLETE_MARKER).is_file()]
-    return max(complete, key=lambda path: (path / COMPLETE_MARKER).stat().st_mtime_ns, default=None)
+    return max(complete, key=lambda path: int((path / COMPLETE_MARKER).read_text() or -1), default=None)
 
 
 def peak_memory_mb(device: torch.device) -> float:

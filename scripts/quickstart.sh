@@ -14,5 +14,6 @@ if ! .venv/bin/python -c "from huggingface_hub import HfApi; HfApi().model_info(
   overrides=(--max_steps 200 --eval_steps 100 --learning_rate 1e-3)
 fi
 .venv/bin/sam2-peft data examples/data
-.venv/bin/sam2-peft train --config recipes/configs/quickstart.yaml --model "$model" "${overrides[@]}" "$@"
+rm -rf runs/quickstart   # a fresh run each time (a kept folder's checkpoints would ask for --resume_from_checkpoint)
+.venv/bin/sam2-peft train --config recipes/configs/quickstart.yaml --model "$model" ${overrides[@]+"${overrides[@]}"} "$@"
 echo "Outputs: runs/quickstart/{final,metrics.json,training_curves.png}"

@@ -134,15 +134,15 @@ def test_disk_cache_survives_a_new_instance_and_catches_replaced_pixels(tiny_mod
 def test_plan_says_which_cache_applies_and_cycles_views():
     decoder = apply_strategy(load_sam2("tiny-random"), "decoder")
     fixed = plan_cache(decoder, changes_pixels=False, num_images=10)
-    assert (fixed.kind, fixed.num_views, fixed.dataset_epoch(5), fixed.view(5)) == ("features", 1, 5, 0)
+    assert (fixed.kind, fixed.num_views, fixed.view(5)) == ("features", 1, 0)
     assert "once per image" in fixed.message and "0.0 GB" in fixed.message
 
     augmented = plan_cache(decoder, changes_pixels=True, num_views=3)
-    assert [augmented.dataset_epoch(e) for e in range(5)] == [0, 1, 2, 0, 1]
+    assert [augmented.view(e) for e in range(5)] == [0, 1, 2, 0, 1]
     assert "3 augmented view(s)" in augmented.message and "--cache_features false" in augmented.message
 
     off = plan_cache(decoder, changes_pixels=True, enabled=False)
-    assert off.kind is None and off.build("x", "y") is None and off.dataset_epoch(7) == 7
+    assert off.kind is None and off.build("x", "y") is None and off.view(7) == 0
 
     partial = plan_cache(apply_strategy(load_sam2("tiny-random"), "partial", num_blocks=2), changes_pixels=False)
     assert (partial.kind, partial.start_block) == ("prefix", 6)

@@ -28,6 +28,14 @@ def test_help_lists_every_subcommand():
         assert command in COMMANDS and f"  {command} " in result.stdout
 
 
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "--" in capsys.readouterr().out
+
+
 def test_data_reports_the_sample(capsys):
     main(["data", SAMPLE_DATA])
     report = capsys.readouterr().out

@@ -12,6 +12,11 @@ Every random choice of item `index` (augmentation, object subset, prompts) is dr
 to the last float bit only for the same worker count, since workers run torch single-threaded), and a resumed run
 sees exactly the batches it would have seen. Use `persistent_workers=False` (the default) so `set_epoch` reaches
 the workers.
+
+A cache of image features holds a few augmented views per image, so augmentation must repeat while prompts and the
+object subset keep changing: with `dataset.augment_views = N` the augmentation is seeded by
+`(seed, epoch % N, index)` and everything else by `(seed, epoch, index)`. It is an attribute, not a `set_epoch`
+argument, because accelerate's prepared loaders call `dataset.set_epoch(epoch)` themselves.
 """
 
 from __future__ import annotations
@@ -96,6 +101,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.split = split
         self.epoch = 0
+        # Augmentation draws repeat every `augment_views` epochs (None: a new draw every epoch); see the module doc.
+        self.augment_views: int | None = None
         self.report = scan_split(
             rows,
             split,
@@ -133,6 +140,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         # Eval draws ignore the epoch so that every evaluation sees the same prompts.
         key = [self.seed, index] if self.evaluating else [self.seed, self.epoch, index]
         torch_seed, numpy_seed = np.random.SeedSequence(key).generate_state(2)
+        if self.augment_views is not None and not self.evaluating:
+            # Same derivation as above, so with one view per epoch the draws are exactly the default ones.
+            view = self.epoch % self.augment_views
+            torch_seed = np.random.SeedSequence([self.seed, view, index]).generate_state(2)[0]
         rng = np.random.default_rng(numpy_seed)
         pixels = torch.from_numpy(normalize_intensity(image, self.intensity))
         label_map = torch.from_numpy(labels)

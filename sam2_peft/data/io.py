@@ -72,7 +72,12 @@ def decode_cell(value: Any, *, what: str) -> np.ndarray:
         return _pil_to_array(value)
     if hasattr(value, "numpy"):
         return value.detach().cpu().numpy() if hasattr(value, "detach") else value.numpy()
-    return np.asarray(value)
+    try:
+        return np.asarray(value)
+    except ValueError as err:
+        raise DataError(
+            f"{what} is a nested list that is not a rectangular array ({err}); every row must have the same length."
+        ) from err
 
 
 def _decode_bytes(data: bytes, *, what: str) -> np.ndarray:

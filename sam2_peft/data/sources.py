@@ -10,16 +10,27 @@
 Split names are normalised to `train`, `val` and `test`. A source without a validation split gets one cut from
 `train` with a seeded fraction (`val_fraction`), so every run on the same data validates on the same images.
 Image and mask cells are kept undecoded (`datasets.Image(decode=False)`: paths or bytes): the training dataset
-decodes them itself so that 16-bit and float images never pass through an 8-bit conversion.
+decodes them itself so that 16-bit and float images never pass through an 8-bit conversion. Array and list columns
+(`Array2D`, `List(List(Value("uint8")))`, ...) come out as arrays of their declared dtype, so an 8-bit image stored
+that way is scaled exactly like the same image stored as an `Image`.
+
+Hub ids without network: `datasets.load_dataset` offline only finds datasets it has prepared before (its own
+cache, HF_DATASETS_CACHE). A snapshot of the dataset repo in the Hub cache (HF_HUB_CACHE, as written by
+`hf download user/name --repo-type dataset` on a machine with network) is found too: it is loaded as the local
+folder it is when `load_dataset` fails.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
 
 import datasets
+import huggingface_hub
+import numpy as np
+from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
 from sam2_peft.data.io import IMAGE_SUFFIXES, MASK_SUFFIXES, DataError
 
@@ -48,7 +59,8 @@ def load_source(
     Args:
         data: an image/mask folder, a folder written by `save_to_disk`, a COCO `.json` file, a folder of NIfTI
             volumes in the image/mask layout, an in-memory `Dataset`/`DatasetDict`, or a Hub dataset id (loaded with
-            `datasets.load_dataset`, which also finds it in the HF cache when `HF_HUB_OFFLINE=1`).
+            `datasets.load_dataset`; without network, from the datasets cache or a snapshot in the Hub cache, with
+            `HF_HUB_OFFLINE=1`).
         image_column: column holding images in a `datasets` source.
         mask_column: column holding label maps in a `datasets` source.
         domain_column: optional column naming each row's domain (e.g. scanner or site), reported per domain.
@@ -194,12 +206,32 @@ def _is_saved_dataset(folder: Path) -> bool:
 def _load_hub(repo_id: str, revision: str | None) -> datasets.DatasetDict:
     try:
         return datasets.load_dataset(repo_id, revision=revision)
-    except (FileNotFoundError, ConnectionError, ValueError) as err:
-        raise DataError(
-            f"data={repo_id!r} is not a local folder or file, and `datasets.load_dataset` could not load it as a Hub "
-            "dataset (unknown id, no network, or not in the HF cache). Pass a local folder, a `save_to_disk` folder, "
-            f"or prefill the cache and set HF_HUB_OFFLINE=1. Cause: {err}"
-        ) from err
+    except (OSError, ValueError) as err:
+        hub_error = err
+    # Offline, `load_dataset` only looks in its own cache of prepared datasets, never at repo snapshots in the Hub
+    # cache; such a snapshot is a plain folder of data files that `load_dataset` reads like any local folder.
+    # `local_files_only` keeps this from downloading a whole repo when the Hub answered but loading failed.
+    hub_cache = Path(huggingface_hub.constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}"
+    try:
+        snapshot = huggingface_hub.snapshot_download(
+            repo_id, repo_type="dataset", revision=revision, local_files_only=True
+        )
+        return datasets.load_dataset(snapshot)
+    except (OSError, ValueError) as err:
+        absent = isinstance(err, LocalEntryNotFoundError) and not isinstance(err, IncompleteSnapshotError)
+        cache_note = (
+            f"The Hub cache has no snapshot of it ({hub_cache})."
+            if absent
+            else f"Its snapshot in the Hub cache ({hub_cache}) did not load ({type(err).__name__}: {err})."
+        )
+    raise DataError(
+        f"data={repo_id!r} is not a local folder or file, and `datasets.load_dataset` could not load it as a Hub "
+        f"dataset ({type(hub_error).__name__}: {hub_error}). {cache_note} Without network, pass one of: an "
+        "image/mask folder; a folder written by `DatasetDict.save_to_disk`; or the Hub id, with HF_HUB_OFFLINE=1 "
+        f"set and a snapshot of the dataset repo in the Hub cache ({hub_cache}/refs/main + snapshots/<commit>/, "
+        f"e.g. from `hf download {repo_id} --repo-type dataset` on a machine with network, copied over; "
+        "HF_HUB_CACHE moves the cache)."
+    ) from hub_error
 
 
 def _from_datasets(
@@ -240,10 +272,15 @@ def _standard_columns(
                 f"{flag}={column!r} is not a column of split {name!r} (columns: {split.column_names}); pass "
                 f"`{flag}=` with the right name."
             )
-    # Undecoded cells keep 16-bit and float images exact; arrays (Array2D, nested lists) are decoded later anyway.
-    for column in (image_column, mask_column):
+    # A format set by the caller (numpy, torch) would hand over int64 arrays whatever the declared dtype.
+    split = split.with_format(None)
+    # Undecoded cells keep 16-bit and float images exact; array and list cells get their declared dtype on access.
+    dtypes = {}
+    for column, ours in ((image_column, "image"), (mask_column, "mask")):
         if isinstance(split.features[column], datasets.Image):
             split = split.cast_column(column, datasets.Image(decode=False))
+        elif (dtype := declared_dtype(split.features[column])) is not None:
+            dtypes[ours] = dtype
     columns: dict[str, Any] = {image_column: "image", mask_column: "mask"}
     if domain_column:
         columns[domain_column] = "domain"
@@ -254,7 +291,53 @@ def _standard_columns(
         split = split.add_column("domain", [None] * len(split))
     else:
         split = split.cast_column("domain", datasets.Value("string"))
-    return split.add_column("image_id", [f"{name}/{i}" for i in range(len(split))])
+    split = split.add_column("image_id", [f"{name}/{i}" for i in range(len(split))])
+    if dtypes:
+        # Lazy: a cast per row read, no copy of the data (a `map` would write every array once more).
+        cast = functools.partial(cast_arrays, dtypes=dtypes)
+        split = split.with_transform(cast, columns=list(dtypes), output_all_columns=True)
+    return split
+
+
+def declared_dtype(feature: Any) -> np.dtype | None:
+    """Return the numeric element dtype of an `Array2D..5D` or (nested) `List`/`Sequence` feature, else None.
+
+    Example:
+        >>> declared_dtype(datasets.List(datasets.List(datasets.Value("uint8"))))
+        dtype('uint8')
+    """
+    while isinstance(feature, (datasets.List, datasets.LargeList)):  # `Sequence(...)` builds a `List`
+        feature = feature.feature
+    if isinstance(feature, (datasets.Array2D, datasets.Array3D, datasets.Array4D, datasets.Array5D)):
+        return np.dtype(feature.dtype)
+    if isinstance(feature, datasets.Value):
+        try:
+            dtype = np.dtype(feature.dtype)
+        except TypeError:  # string, binary, timestamp, ...
+            return None
+        return dtype if dtype.kind in "biuf" else None
+    return None
+
+
+def cast_arrays(batch: dict[str, list], dtypes: dict[str, np.dtype]) -> dict[str, list]:
+    """Turn the list cells of a batch into arrays of their declared dtypes (a `with_transform` function).
+
+    `datasets` returns array and list cells as nested Python lists, which numpy reads back as int64 or float64: an
+    8-bit image would then get percentile scaling instead of 1/255.
+    """
+    for column, dtype in dtypes.items():
+        if column in batch:
+            batch[column] = [_as_array(value, dtype) for value in batch[column]]
+    return batch
+
+
+def _as_array(value: Any, dtype: np.dtype) -> Any:
+    if value is None:
+        return None
+    try:
+        return np.asarray(value, dtype=dtype)
+    except ValueError:  # ragged nested lists: left as they are for `decode_row` to report with the row's name
+        return value
 
 
 def _hold_out_val(splits: datasets.DatasetDict, val_fraction: float, seed: int) -> datasets.DatasetDict:

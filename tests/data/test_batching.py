@@ -117,3 +117,32 @@ def test_eval_dataset_is_deterministic(splits):
     assert not dataset.changes_pixels
     with pytest.raises(ValueError, match="evaluation takes `augment=None`"):
         SegmentationDataset(splits["val"], Preprocessor(image_size=S), prompts="box", augment=AugmentConfig())
+
+
+def _draw(dataset, index: int, epoch: int) -> dict:
+    dataset.set_epoch(epoch)
+    return dataset[index]
+
+
+def test_augment_views_repeat_the_pixels_but_not_the_prompts(splits):
+    dataset = _train(splits)
+    default = _draw(dataset, 2, epoch=5)
+    dataset.augment_views = 2
+    first, second = _draw(dataset, 1, epoch=3), _draw(dataset, 1, epoch=5)
+    # The view a feature cache stored stays valid: same pixels, hence the same targets...
+    assert torch.equal(first["pixel_values"], second["pixel_values"])
+    # ...while prompts (box jitter and clicks) are drawn anew each epoch.
+    assert not torch.equal(first["prompts"].point_coords, second["prompts"].point_coords)
+    # The other view is another augmentation.
+    assert not torch.equal(first["pixel_values"], _draw(dataset, 1, epoch=4)["pixel_values"])
+    # The same (epoch, index) always gives the same item, whatever was drawn in between.
+    again = _draw(dataset, 1, epoch=3)
+    for key in ("pixel_values", "masks", "class_ids"):
+        assert torch.equal(first[key], again[key]), key
+    assert torch.equal(first["prompts"].point_coords, again["prompts"].point_coords)
+    assert torch.equal(first["prompts"].point_labels, again["prompts"].point_labels)
+    # One view per epoch is exactly the default draw, so runs without a feature cache are unchanged.
+    dataset.augment_views = 1_000
+    same = _draw(dataset, 2, epoch=5)
+    assert torch.equal(default["pixel_values"], same["pixel_values"])
+    assert torch.equal(default["prompts"].point_coords, same["prompts"].point_coords)

@@ -7,9 +7,18 @@ import json
 import datasets
 import numpy as np
 import pytest
+import torch
 from data_helpers import random_pair, write_pair
 
-from sam2_peft.data import DataError, decode_row, inspect_dataset, load_source
+from sam2_peft.data import (
+    DataError,
+    Preprocessor,
+    SegmentationDataset,
+    decode_row,
+    inspect_dataset,
+    load_source,
+    normalize_intensity,
+)
 
 
 def test_folder_with_splits(folder_with_splits):
@@ -46,6 +55,61 @@ def test_saved_dataset_with_custom_columns(tmp_path):
     image, labels = decode_row(splits["train"][2], where="train")
     np.testing.assert_array_equal(image[..., 0], pairs[2][0])
     np.testing.assert_array_equal(labels, pairs[2][1])
+
+
+def _png_cell(array: np.ndarray) -> dict:
+    import io
+
+    import PIL.Image
+
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(array).save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+@pytest.mark.parametrize(
+    "image_feature",
+    [
+        datasets.List(datasets.List(datasets.List(datasets.Value("uint8")))),
+        datasets.Sequence(datasets.Sequence(datasets.Sequence(datasets.Value("uint8")))),
+        datasets.Array3D((20, 24, 3), "uint8"),
+        "numpy format",
+    ],
+    ids=["list", "sequence", "array3d", "numpy-format"],
+)
+def test_8_bit_list_column_scales_like_the_image_feature(image_feature):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    image[0, 0] = (0, 0, 0)
+    image[1, 1] = (90, 90, 90)  # percentile scaling would stretch these levels; /255 keeps them
+    labels = np.zeros((20, 24), np.uint8)
+    labels[4:12, 5:15] = 1
+    as_image = datasets.Dataset.from_dict(
+        {"image": [_png_cell(image)], "mask": [_png_cell(labels)]},
+        features=datasets.Features(image=datasets.Image(), mask=datasets.Image()),
+    )
+    mask_feature = datasets.Array2D((20, 24), "uint8")
+    if image_feature == "numpy format":  # a format set by the caller must not turn uint8 into int64 either
+        as_lists = datasets.Dataset.from_dict({"image": [image], "mask": [labels]}).with_format("numpy")
+    else:
+        features = datasets.Features(image=image_feature, mask=mask_feature)
+        as_lists = datasets.Dataset.from_dict({"image": [image.tolist()], "mask": [labels.tolist()]}, features=features)
+    rows = [load_source(d, val_fraction=0)["train"] for d in (as_image, as_lists)]
+    decoded = [decode_row(r[0], where="row") for r in rows]
+    for got, got_labels in decoded:
+        assert got.dtype == np.uint8
+        np.testing.assert_array_equal(got, image)
+        np.testing.assert_array_equal(got_labels, labels)
+    np.testing.assert_array_equal(normalize_intensity(decoded[1][0]), image.transpose(2, 0, 1) / np.float32(255))
+    items = [SegmentationDataset(r, Preprocessor(image_size=32), prompts="box")[0] for r in rows]
+    assert torch.equal(items[0]["pixel_values"], items[1]["pixel_values"])
+    assert torch.equal(items[0]["masks"], items[1]["masks"])
+
+
+def test_ragged_list_cell_names_the_row():
+    rows = datasets.Dataset.from_dict({"image": [[[1, 2], [3]]], "mask": [[[0, 1], [1, 0]]]})
+    with pytest.raises(DataError, match="row 0.*column 'image'.*not a rectangular array"):
+        inspect_dataset(rows, val_fraction=0)
 
 
 def test_image_feature_keeps_16_bit(tmp_path):

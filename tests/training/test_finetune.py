@@ -9,7 +9,7 @@ import sam2_peft.finetune as finetune_module
 from sam2_peft.finetune import finetune
 from sam2_peft.training import COMPLETE_MARKER, latest_checkpoint
 
-from train_helpers import final_tensors, tiny_config
+from train_helpers import SAMPLE_DATA, final_tensors, tiny_config
 
 
 def test_writes_the_fixed_outputs(tmp_path):
@@ -18,7 +18,7 @@ def test_writes_the_fixed_outputs(tmp_path):
     assert json.loads((tmp_path / "final" / "sam2_peft.json").read_text())["strategy"] == "decoder"
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk["steps"] == metrics["steps"] == 4
-    for key in ("baseline", "final", "best"):
+    for key in ("baseline", "last", "best"):
         assert set(on_disk[key]) >= {"dice", "iou", "precision", "recall"}
     assert (tmp_path / "training_curves.png").stat().st_size > 10_000
     assert (tmp_path / "config.yaml").is_file()
@@ -42,9 +42,9 @@ def test_loss_falls_on_an_overfitting_run(tmp_path):
     finally:
         finetune_module.load_source = original
     losses = [row["loss"] for row in json.loads((tmp_path / "history.json").read_text())["history"] if "loss" in row]
-    print(losses[0], losses[-1], metrics["baseline"]["dice"], metrics["final"]["dice"])
+    print(losses[0], losses[-1], metrics["baseline"]["dice"], metrics["last"]["dice"])
     assert losses[-1] < 0.25 * losses[0]
-    assert metrics["final"]["dice"] > 0.5 > metrics["baseline"]["dice"]
+    assert metrics["last"]["dice"] > 0.5 > metrics["baseline"]["dice"]
 
 
 def test_early_stopping_restores_the_best_weights(tmp_path, monkeypatch):
@@ -59,7 +59,7 @@ def test_early_stopping_restores_the_best_weights(tmp_path, monkeypatch):
                       learning_rate=1e-3, checkpoint_steps=1)
     metrics = finetune(cfg)
     assert metrics["steps"] == 3 and metrics["best_step"] == 1
-    assert metrics["best"]["dice"] == 0.5 and metrics["final"]["dice"] == 0.2
+    assert metrics["best"]["dice"] == 0.5 and metrics["last"]["dice"] == 0.2
     prefix = "segmenter.model."  # the training module's names for the Sam2Model's
     best = {k.removeprefix(prefix): v for k, v in load_file(tmp_path / "best" / "trainable.safetensors").items()}
     final = final_tensors(tmp_path)
@@ -98,10 +98,36 @@ def test_resume_needs_a_complete_checkpoint(tmp_path):
 
 def test_bf16_autocast_and_tensorboard_logging(tmp_path):
     metrics = finetune(tiny_config(tmp_path, strategy="lora", mixed_precision="bf16", report_to="tensorboard"))
-    assert metrics["steps"] == 4 and math.isfinite(metrics["final"]["dice"])
+    assert metrics["steps"] == 4 and math.isfinite(metrics["last"]["dice"])
     events = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
     assert events, "no tensorboard event file"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
     assert {"loss", "lr", "images_per_s", "peak_memory_mb", "val/dice"} <= set(tags)
+
+
+def test_feature_cache_encodes_each_view_once(tmp_path, monkeypatch):
+    from sam2_peft.caching import FeatureCache
+
+    encoded = []
+    compute = FeatureCache._compute
+    monkeypatch.setattr(FeatureCache, "_compute", lambda self, seg, pixels: encoded.append(len(pixels)) or compute(self, seg, pixels))
+    four = finetune_module.load_source(SAMPLE_DATA)
+    four["train"] = four["train"].select(range(4))
+    monkeypatch.setattr(finetune_module, "load_source", lambda *args, **kwargs: four)
+    cfg = tiny_config(tmp_path, strategy="decoder", augment=True, cache_views=2, max_steps=None, num_epochs=4,
+                      eval_steps=8, checkpoint_steps=100)
+    metrics = finetune(cfg)
+    assert metrics["steps"] == 8
+    # 4 training images x 2 augmented views, then cache hits; the 8 validation images once.
+    assert sum(encoded) == 4 * 2 + 8
+
+
+def test_resuming_an_older_checkpoint_with_later_ones_is_refused(tmp_path):
+    cfg = dict(strategy="decoder", max_steps=6, eval_steps=6, checkpoint_steps=2, checkpoint_total_limit=10)
+    finetune(tiny_config(tmp_path, **cfg))
+    oldest = tmp_path / "checkpoints" / "checkpoint_0"
+    assert (oldest / COMPLETE_MARKER).read_text() == "2"
+    with pytest.raises(FileExistsError, match="later checkpoints"):
+        finetune(tiny_config(tmp_path, resume_from_checkpoint=str(oldest), **cfg))
