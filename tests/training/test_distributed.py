@@ -1,5 +1,6 @@
 """Two CPU processes (torchrun, gloo) keep identical weights and match one process with the same global batch."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -29,16 +30,19 @@ def test_two_processes_match_one(tmp_path):
     torchrun = str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29531", str(WORKER), *args(tmp_path / "two", 1)],
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29531", str(WORKER), *args(tmp_path / "two", 3)],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "MULTI_CPU" in two.stdout
     one = subprocess.run(
-        [sys.executable, str(WORKER), *args(tmp_path / "one", 2)], capture_output=True, text=True, timeout=600, env=env
+        [sys.executable, str(WORKER), *args(tmp_path / "one", 6)], capture_output=True, text=True, timeout=600, env=env
     )
     assert one.returncode == 0, one.stderr[-3000:]
 
+    # 8 validation images (3 objects each at most) in batches of 3 per process: the padding repeats must not count.
+    for run in ("two", "one"):
+        assert json.loads((tmp_path / run / "metrics.json").read_text())["last"]["num_objects"] == 8 * 3
     rank0, rank1 = (load_file(tmp_path / "two" / f"rank{r}.safetensors") for r in (0, 1))
     single = load_file(tmp_path / "one" / "rank0.safetensors")
     assert rank0.keys() == rank1.keys() == single.keys()
