@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
@@ -280,10 +280,8 @@ def _run(cfg: TrainConfig) -> dict:
     progress.close()
 
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(module)
+    trained = _final_model(accelerator, module, cfg, best_path, state.best_step)
     evals = [row for row in state.history if "dice" in row]
-    if state.best_step is not None:
-        _restore_trainable(unwrapped, best_path, state.best_step)
     best = next(row for row in evals if row["step"] == state.best_step) if state.best_step is not None else evals[-1]
     train_rows = [row for row in state.history if "loss" in row]
     metrics = {
@@ -300,7 +298,7 @@ def _run(cfg: TrainConfig) -> dict:
     }
     if accelerator.is_main_process:
         save_adapter(
-            unwrapped.segmenter.model,
+            trained,
             output_dir / "final",
             base_model_name_or_path=cfg.model,
             base_fingerprint=base_fingerprint,
@@ -313,6 +311,25 @@ def _run(cfg: TrainConfig) -> dict:
         plot_history(state.history, output_dir / "training_curves.png")
     accelerator.end_training()
     return metrics
+
+
+def _final_model(accelerator: Accelerator, module, cfg: TrainConfig, best_path: Path, best_step: int | None):
+    """The trained model with the best weights restored, whole on the main process (None on the others under FSDP)."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        unwrapped = accelerator.unwrap_model(module)
+        if best_step is not None:
+            _restore_trainable(unwrapped, best_path, best_step)
+        return unwrapped.segmenter.model
+    # FSDP shards the parameters: gather them (a collective call), then rebuild an unsharded copy on the main process.
+    state_dict = accelerator.get_state_dict(module)
+    if not accelerator.is_main_process:
+        return None
+    base = load_sam2(cfg.model, revision=cfg.revision, sam2_config=cfg.sam2_config)
+    copy = InteractiveSegmenter(apply_strategy(base, cfg.strategy, **cfg.strategy_options()))
+    copy.load_state_dict(state_dict)
+    if best_step is not None:
+        _restore_trainable(copy, best_path, best_step)
+    return copy.segmenter.model
 
 
 def _resume(accelerator: Accelerator, state: TrainState, where: str, checkpoints_dir: Path) -> None:
