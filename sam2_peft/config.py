@@ -23,6 +23,15 @@ from sam2_peft.strategies import NON_PEFT_STRATEGIES, PEFT_STRATEGIES
 DEFAULT_LEARNING_RATES = {"decoder": 1e-4, "partial": 3e-5, "full": 1e-5, "peft": 1e-4}
 
 
+# The config fields that only some strategies read.
+STRATEGY_OPTIONS = {
+    "decoder": {"train_prompt_encoder"},
+    "partial": {"num_blocks", "blocks", "train_neck", "train_prompt_encoder"},
+    "full": set(),
+    "peft": {"targets", "blocks", "lora_r", "lora_alpha", "lora_dropout", "decoder_mode"},
+}
+
+
 def _help(text: str, **kwargs):
     return field(metadata={"help": text}, **kwargs)
 
@@ -141,6 +150,16 @@ class TrainConfig:
         if self.learning_rate is None:
             group = self.strategy if self.strategy in NON_PEFT_STRATEGIES else "peft"
             self.learning_rate = DEFAULT_LEARNING_RATES[group]
+
+    def ignored_options(self) -> list[str]:
+        """Strategy options set away from their defaults that this run's strategy does not use (for a warning)."""
+        used = STRATEGY_OPTIONS["peft" if self.is_peft else self.strategy]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return [
+            f"--{name} {getattr(self, name)}"
+            for name in sorted(set().union(*STRATEGY_OPTIONS.values()) - used)
+            if getattr(self, name) != defaults[name]
+        ]
 
     @property
     def is_peft(self) -> bool:

@@ -93,6 +93,8 @@ def _run(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(output_dir / "config.yaml")
+        if ignored := cfg.ignored_options():
+            logger.warning("Strategy %r does not use %s; they have no effect.", cfg.strategy, ", ".join(ignored))
 
     with accelerator.main_process_first():
         splits = load_source(

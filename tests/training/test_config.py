@@ -49,3 +49,9 @@ def test_unknown_keys_flags_and_values_are_named(tmp_path):
         TrainConfig(strategy="lora2")
     with pytest.raises(ValueError, match="`--blocks 1-3` is not understood"):
         TrainConfig(blocks="1-3").block_selection()
+
+
+def test_options_of_other_strategies_are_reported():
+    assert TrainConfig(strategy="lora", num_blocks=2, lora_r=4).ignored_options() == ["--num_blocks 2"]
+    assert TrainConfig(strategy="decoder", lora_r=16, train_prompt_encoder=True).ignored_options() == ["--lora_r 16"]
+    assert TrainConfig(strategy="partial", num_blocks=2, train_neck=True).ignored_options() == []
