@@ -131,6 +131,8 @@ def _eval(args: list[str]) -> None:
     parser.add_argument("--mask_type", default="instance", choices=["instance", "semantic"])
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--mask_column", default="mask")
+    parser.add_argument("--train_split", default="train", help="as in training: what val is held out from")
+    parser.add_argument("--val_split", default=None, help="as in training (default: validation, val, valid or dev)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=42, help="prompt seed; the training seed gives the same val split")
     parser.add_argument("--revision", default=None, help="base model revision")
@@ -152,6 +154,8 @@ def _eval(args: list[str]) -> None:
         mask_type=parsed.mask_type,
         image_column=parsed.image_column,
         mask_column=parsed.mask_column,
+        train_split=parsed.train_split,
+        val_split=parsed.val_split,
     )
 
 

@@ -189,6 +189,8 @@ def evaluate_model(
     max_objects_per_image: int | None = None,
     image_column: str = "image",
     mask_column: str = "mask",
+    train_split: str = "train",
+    val_split: str | None = None,
     val_fraction: float = 0.1,
     nsd_tolerance: float = 1.0,
     num_overlays: int = 8,
@@ -219,6 +221,8 @@ def evaluate_model(
         max_objects_per_image: score a seeded subset of at most this many objects per image; None scores all.
         image_column: image column of a `datasets` source.
         mask_column: mask column of a `datasets` source.
+        train_split: name of the training split of a `datasets` source (what `val` is held out from, if needed).
+        val_split: name of its validation split (default: validation, val, valid or dev), as in training.
         val_fraction: hold-out fraction for `val` when the source has no validation split, as in training.
         nsd_tolerance: tolerance of the normalised surface Dice, in pixels.
         num_overlays: objects shown in `overlays.png` (a third worst, a third best, the rest random); 0 for none.
@@ -240,7 +244,13 @@ def evaluate_model(
     if baseline and adapter is None:
         baseline = False
     splits = load_source(
-        data, image_column=image_column, mask_column=mask_column, val_fraction=val_fraction, seed=seed
+        data,
+        image_column=image_column,
+        mask_column=mask_column,
+        train_split=train_split,
+        val_split=val_split,
+        val_fraction=val_fraction,
+        seed=seed,
     )
     split = split or ("test" if "test" in splits else "val")
     if split not in splits:

@@ -209,7 +209,8 @@ def merge_to_folder(
     """Write a merged model for deployment: a Hugging Face folder or an official sam2 checkpoint.
 
     Args:
-        model: a plain `Sam2Model`, or a `PeftModel` (its adapters are folded in with `merge_and_unload()`).
+        model: a plain `Sam2Model`, or a `PeftModel`, whose adapters are folded in place (`merge_and_unload()`):
+            pass a copy to keep using the adapter afterwards.
         output_dir: the folder to write.
         format: `hf` (safetensors folder for `Sam2Model.from_pretrained`) or `sam2` (`<config name>.pt` for
             `sam2.build_sam.build_sam2`).

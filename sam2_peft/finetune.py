@@ -107,7 +107,10 @@ def _run(cfg: TrainConfig) -> dict:
             seed=cfg.seed,
         )
     if "val" not in splits:
-        raise ValueError(f"--data {cfg.data}: no validation split and --val_fraction 0; give one or the other.")
+        raise ValueError(
+            f"--data {cfg.data}: no validation split, and none could be held out (--val_fraction {cfg.val_fraction}, "
+            f"{len(splits['train'])} training rows); add a val/ split or raise --val_fraction."
+        )
 
     model = load_sam2(cfg.model, revision=cfg.revision, sam2_config=cfg.sam2_config)
     base_fingerprint = model_fingerprint(model)

@@ -155,7 +155,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         model_labels = self.preprocessor.resize_labels(label_map)
         masks = (model_labels[None] == torch.from_numpy(objects.ids)[:, None, None]).numpy()
         visible = masks.any(axis=(1, 2))
-        if not visible.all():
+        # Training needs a target at model resolution; evaluation scores the full-resolution mask, so an object
+        # too small to survive the resize is still prompted and scored there.
+        if not visible.all() and not self.evaluating:
             dropped[VANISHED] += int((~visible).sum())
             objects = Objects(objects.masks[visible], objects.ids[visible])
             masks = masks[visible]

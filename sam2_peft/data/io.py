@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import tifffile
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -25,8 +26,12 @@ class DataError(ValueError):
     """Raised for input data that cannot be used as it is; the message names the file or column and the fix."""
 
 
-def read_file(path: str | Path) -> np.ndarray:
+def read_file(path: str | Path, *, is_mask: bool = False) -> np.ndarray:
     """Read an image or mask file into an array with its stored dtype (8/16-bit, float) and channels.
+
+    Args:
+        path: the file.
+        is_mask: masks keep palette indices as labels; images are converted from palettes to colour.
 
     Raises:
         DataError: the file is missing, unreadable or corrupt.
@@ -38,7 +43,7 @@ def read_file(path: str | Path) -> np.ndarray:
         if path.suffix.lower() in (".tif", ".tiff"):
             return np.asarray(tifffile.imread(path))
         with PIL.Image.open(path) as image:
-            return _pil_to_array(image)
+            return _pil_to_array(image, is_mask=is_mask)
     except (OSError, ValueError, SyntaxError, tifffile.TiffFileError) as err:
         raise DataError(f"{path}: cannot be read as an image ({err}); re-export it or remove it.") from err
 
@@ -50,26 +55,28 @@ def encode_array(array: np.ndarray) -> dict[str, Any]:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
-def decode_cell(value: Any, *, what: str) -> np.ndarray:
+def decode_cell(value: Any, *, what: str, is_mask: bool = False) -> np.ndarray:
     """Turn one `image` or `mask` cell into a numpy array.
 
     Args:
         value: a path, a `{"bytes", "path"}` dict (`datasets.Image(decode=False)`), a PIL image, an array, a tensor
             or nested lists.
         what: how to name the cell in errors, e.g. `"row 3 of column 'mask'"`.
+        is_mask: masks keep palette indices as labels; images are converted from palettes to colour.
     """
     if value is None:
         raise DataError(f"{what} is empty (None); every row needs an image and a mask.")
     if isinstance(value, (str, Path)):
-        return read_file(value)
+        return read_file(value, is_mask=is_mask)
     if isinstance(value, dict):
         if value.get("bytes"):
-            return _decode_bytes(value["bytes"], what=f"{what} ({value.get('path') or 'embedded bytes'})")
+            where = f"{what} ({value.get('path') or 'embedded bytes'})"
+            return _decode_bytes(value["bytes"], what=where, is_mask=is_mask)
         if value.get("path"):
-            return read_file(value["path"])
+            return read_file(value["path"], is_mask=is_mask)
         raise DataError(f"{what} has neither bytes nor a path.")
     if isinstance(value, PIL.Image.Image):
-        return _pil_to_array(value)
+        return _pil_to_array(value, is_mask=is_mask)
     if hasattr(value, "numpy"):
         return value.detach().cpu().numpy() if hasattr(value, "detach") else value.numpy()
     try:
@@ -80,20 +87,24 @@ def decode_cell(value: Any, *, what: str) -> np.ndarray:
         ) from err
 
 
-def _decode_bytes(data: bytes, *, what: str) -> np.ndarray:
+def _decode_bytes(data: bytes, *, what: str, is_mask: bool) -> np.ndarray:
     try:
         if data[:4] in _TIFF_MAGIC:
             return np.asarray(tifffile.imread(io.BytesIO(data)))
         with PIL.Image.open(io.BytesIO(data)) as image:
-            return _pil_to_array(image)
+            return _pil_to_array(image, is_mask=is_mask)
     except (OSError, ValueError, SyntaxError, tifffile.TiffFileError) as err:
         raise DataError(f"{what}: cannot be decoded as an image ({err}); re-export it or drop that row.") from err
 
 
-def _pil_to_array(image: PIL.Image.Image) -> np.ndarray:
-    # Palette ("P") images keep their indices: for masks they are the labels (as in Pascal VOC).
-    if image.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-        image = image.convert("RGB")
+def _pil_to_array(image: PIL.Image.Image, *, is_mask: bool) -> np.ndarray:
+    # Annotation tools draw on the image as a viewer shows it, i.e. with its EXIF orientation applied.
+    image = PIL.ImageOps.exif_transpose(image)
+    # Palette ("P") masks keep their indices: they are the labels (as in Pascal VOC); palette images are colours.
+    if image.mode in ("CMYK", "YCbCr", "LAB", "HSV") or (image.mode == "P" and not is_mask):
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode == "LA" and not is_mask:
+        image = image.convert("L")
     return np.array(image)
 
 
@@ -186,7 +197,7 @@ def decode_row(
     name = ", ".join(str(part) for part in (where, row.get("image_id"), _cell_path(row["image"])) if part)
     image = to_hwc(decode_cell(row["image"], what=f"{name}, column 'image'"), what=f"{name}, column 'image'")
     what = f"{name}, column 'mask'"
-    labels = to_label_map(decode_cell(row["mask"], what=what), what=what)
+    labels = to_label_map(decode_cell(row["mask"], what=what, is_mask=True), what=what)
     check_same_size(image, labels, what=name)
     check_mask_values(labels, mask_type=mask_type, num_classes=num_classes, what=what)
     return image, labels

@@ -135,6 +135,8 @@ def innermost_pixel(mask: np.ndarray) -> np.ndarray:
 
     Repeated 3x3 erosion on the object's bounding box; the first surviving pixel in raster order wins.
     """
+    if not mask.any():
+        raise ValueError("innermost_pixel needs a non-empty mask: an empty object has no pixel to click.")
     x0, y0, x1, y1 = mask_to_box(mask[None])[0].astype(int)
     # Pad by one background pixel so the image border counts as the object's border.
     crop = torch.from_numpy(np.pad(mask[y0 : y1 + 1, x0 : x1 + 1], 1))[None, None].float()

@@ -345,7 +345,23 @@ def _hold_out_val(splits: datasets.DatasetDict, val_fraction: float, seed: int) 
         raise DataError(f"val_fraction={val_fraction} must be in [0, 1).")
     if "val" in splits or "train" not in splits or val_fraction == 0.0 or len(splits["train"]) < 2:
         return splits
-    held = splits["train"].train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
+    train = splits["train"]
+    # Slices of one volume (ids "<volume>/<axis>:<index>") must land on one side, or validation sees its neighbours.
+    groups = [image_id.rsplit("/", 1)[0] for image_id in train["image_id"]]
     out = dict(splits)
-    out["train"], out["val"] = held["train"], held["test"]
+    if len(set(groups)) == len(groups):
+        held = train.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
+        out["train"], out["val"] = held["train"], held["test"]
+    else:
+        order = sorted(set(groups))
+        np.random.default_rng(seed).shuffle(order)
+        sizes = {group: groups.count(group) for group in order}
+        held_out, count = set(), 0
+        for group in order[:-1]:  # at least one volume stays in train
+            if count >= val_fraction * len(groups):
+                break
+            held_out.add(group)
+            count += sizes[group]
+        out["train"] = train.select([i for i, group in enumerate(groups) if group not in held_out])
+        out["val"] = train.select([i for i, group in enumerate(groups) if group in held_out])
     return datasets.DatasetDict({s: out[s] for s in SPLITS if s in out})

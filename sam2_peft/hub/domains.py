@@ -67,7 +67,7 @@ class DomainAdapters:
     def use(self, name: str) -> DomainAdapters:
         """Make domain `name` the active adapter (PEFT `set_adapter`)."""
         self._require(name)
-        self.model.set_adapter(name)
+        self.model.set_adapter(name, inference_mode=True)
         return self
 
     def hotswap(self, name: str, adapter: str | os.PathLike, *, revision: str | None = None) -> DomainAdapters:
@@ -199,12 +199,12 @@ def predict(
                 continue
             # Renumber the sub-batch's images 0..len(images)-1 for the segmenter.
             local_index = torch.searchsorted(images, image_index[objects])
-            peft_model.set_adapter(name)
+            peft_model.set_adapter(name, inference_mode=True)
             parts.append((objects, segmenter(pixel_values[images], image_index=local_index,
                                              point_coords=coords[objects], point_labels=labels[objects],
                                              multimask_output=multimask_output)))
     finally:
-        peft_model.set_adapter(previous)
+        peft_model.set_adapter(previous, inference_mode=True)
     return _scatter(parts, boxes.shape[0])
 
 

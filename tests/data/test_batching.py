@@ -146,3 +146,27 @@ def test_augment_views_repeat_the_pixels_but_not_the_prompts(splits):
     same = _draw(dataset, 2, epoch=5)
     assert torch.equal(default["pixel_values"], same["pixel_values"])
     assert torch.equal(default["prompts"].point_coords, same["prompts"].point_coords)
+
+
+def test_objects_too_small_for_the_model_are_still_scored_in_evaluation(tmp_path):
+    import PIL.Image
+
+    from sam2_peft.data import load_source
+
+    # A 1024-px image with one 2x8-pixel object: at 256 px it vanishes, yet evaluation must still score it.
+    for split in ("train", "val"):
+        (tmp_path / split / "images").mkdir(parents=True)
+        (tmp_path / split / "masks").mkdir(parents=True)
+        image = np.random.default_rng(0).integers(0, 255, (1024, 1024), dtype=np.uint8)
+        mask = np.zeros((1024, 1024), np.uint8)
+        mask[500:502, 300:308] = 1
+        mask[100:400, 100:400] = 2
+        PIL.Image.fromarray(image).save(tmp_path / split / "images" / "a.png")
+        PIL.Image.fromarray(mask).save(tmp_path / split / "masks" / "a.png")
+    splits = load_source(tmp_path)
+    for prompt in ("box", "point", "points:2"):
+        item = SegmentationDataset(splits["val"], Preprocessor(image_size=256), prompts=prompt)[0]
+        assert len(item["full_masks"]) == 2 and item["full_masks"][0].sum() == 16
+        assert item["object_present"].all() and item["dropped"] == {}
+    train = SegmentationDataset(splits["train"], Preprocessor(image_size=256))[0]
+    assert len(train["full_masks"]) == 1 and train["dropped"] == {"objects that vanish at model resolution": 1}

@@ -205,3 +205,19 @@ def test_report_counts(folder_with_splits):
     assert train.objects_per_row == [1, 1, 1]
     assert train.skipped == {"objects under min_object_area": 3}
     assert "train: 3 images, 3 usable, 3 objects" in str(report)
+
+
+def test_nifti_hold_out_keeps_each_volume_on_one_side(tmp_path):
+    import nibabel
+
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    for name in ("a", "b", "c", "d"):
+        labels = np.zeros((8, 8, 5), np.uint8)
+        labels[2:5, 2:5, :] = 1  # an object on every slice
+        nibabel.save(nibabel.Nifti1Image(np.ones((8, 8, 5), np.int16), np.eye(4)), tmp_path / "images" / f"{name}.nii.gz")
+        nibabel.save(nibabel.Nifti1Image(labels, np.eye(4)), tmp_path / "masks" / f"{name}.nii.gz")
+    splits = load_source(tmp_path, val_fraction=0.25, seed=3)
+    volumes = {split: {image_id.split("/")[0] for image_id in splits[split]["image_id"]} for split in ("train", "val")}
+    assert volumes["train"].isdisjoint(volumes["val"])
+    assert len(volumes["val"]) == 1 and len(splits["val"]) == 5 and len(splits["train"]) == 15

@@ -111,3 +111,12 @@ def test_hotswap_under_torch_compile_without_recompiling(adapters, images):
     with torch._dynamo.config.patch(error_on_recompile=True):
         out = run()
     torch.testing.assert_close(out, reference(adapters["xray"].parent / "xray8", images), rtol=1e-5, atol=1e-5)
+
+
+def test_switching_domains_keeps_adapters_frozen(adapters):
+    domains = DomainAdapters(load_sam2("tiny-random"))
+    for name, folder in adapters.items():
+        domains.add(name, folder)
+    for name in adapters:
+        domains.use(name)
+        assert not any(p.requires_grad for p in domains.model.parameters()), f"use({name!r}) made weights trainable"

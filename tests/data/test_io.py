@@ -1,0 +1,30 @@
+import io
+
+import numpy as np
+import PIL.Image
+
+from sam2_peft.data.io import decode_cell, read_file
+
+
+def test_exif_orientation_is_applied_as_a_viewer_shows_it(tmp_path):
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :10] = 255  # a white band on the left of the stored image
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    path = tmp_path / "photo.jpg"
+    PIL.Image.fromarray(pixels).save(path, exif=exif, quality=100)
+    shown = read_file(path)
+    assert shown.shape == (40, 20, 3)
+    assert shown[:10].mean() > 200 and shown[-10:].mean() < 50  # the band is now on top
+
+
+def test_palette_images_become_colours_but_palette_masks_keep_labels():
+    palette = PIL.Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    buffer = io.BytesIO()
+    palette.save(buffer, format="PNG")
+    cell = {"bytes": buffer.getvalue(), "path": None}
+    image = decode_cell(cell, what="image")
+    assert image.shape == (8, 8, 3) and (image == [255, 0, 0]).all()
+    mask = decode_cell(cell, what="mask", is_mask=True)
+    assert mask.shape == (8, 8) and (mask == 1).all()
