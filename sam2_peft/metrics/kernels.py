@@ -28,6 +28,9 @@ HD_PERCENTILE = 95.0
 _MAX_BLOCK = 1 << 22
 
 
+_TIE = 1e-9  # relative slack for distances that equal the NSD tolerance
+
+
 def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
     if pred.dim() != 3 or pred.shape != target.shape:
         raise ValueError(
@@ -235,8 +238,11 @@ def surface_scores(
         _segment_percentile(target_to_pred, target_index, n, HD_PERCENTILE),
     )
     within = torch.zeros(n, dtype=torch.float64, device=pred.device)
-    within.index_add_(0, pred_index, (pred_to_target <= tolerance).double())
-    within.index_add_(0, target_index, (target_to_pred <= tolerance).double())
+    # A distance equal to the tolerance counts as within, also when float rounding puts it a hair above
+    # (e.g. 5 x 0.2 mm): spacing-scaled distances are computed along different paths.
+    limit = tolerance * (1 + _TIE)
+    within.index_add_(0, pred_index, (pred_to_target <= limit).double())
+    within.index_add_(0, target_index, (target_to_pred <= limit).double())
     surface = torch.bincount(pred_index, minlength=n) + torch.bincount(target_index, minlength=n)
     nsd = within / surface.clamp(min=1)
 

@@ -64,7 +64,8 @@ def reference_surface(pred, target, tolerance, spacing=(1.0, 1.0)) -> tuple[floa
     d_pt = reference_distances(pred, target, spacing)
     d_tp = reference_distances(target, pred, spacing)
     hd95 = max(np.percentile(d_pt, 95), np.percentile(d_tp, 95))
-    nsd = (np.sum(d_pt <= tolerance) + np.sum(d_tp <= tolerance)) / (d_pt.size + d_tp.size)
+    limit = tolerance * (1 + 1e-9)  # a distance equal to the tolerance is within, despite float rounding
+    nsd = (np.sum(d_pt <= limit) + np.sum(d_tp <= limit)) / (d_pt.size + d_tp.size)
     return float(hd95), float(nsd)
 
 
@@ -128,6 +129,15 @@ def test_anisotropic_spacing_equals_brute_force(batch, spacing):
         hd95, nsd = reference_surface(pred[k], target[k], 1.0, spacing)
         np.testing.assert_allclose(got["hd95"][k].item(), hd95, rtol=1e-9)
         np.testing.assert_allclose(got["nsd"][k].item(), nsd, rtol=1e-9)
+
+
+def test_a_distance_equal_to_the_tolerance_is_within():
+    # 5 columns of 0.2 mm: exactly 1.0 mm, which float arithmetic may compute a hair above 1.0.
+    pred = np.ones((1, 1, 7), bool)
+    target = np.zeros((1, 1, 7), bool)
+    target[0, 0, 1] = True
+    got = surface_scores(torch.from_numpy(pred), torch.from_numpy(target), tolerance=1.0, spacing=(1.0, 0.2))
+    assert got["nsd"][0].item() == 1.0
 
 
 def test_directed_distances_of_a_shifted_square():
