@@ -173,6 +173,8 @@ def predict(
         >>> out = predict(domains, pixel_values, boxes, domain=["ct", "mri"])
         >>> out.mask_logits.shape      # (N, 1, S / 4, S / 4)
     """
+    if boxes.shape[0] == 0:
+        raise ValueError("`boxes` is empty; give at least one (N, 4) box to segment.")
     peft_model = model.model if isinstance(model, DomainAdapters) else model
     if image_index is None:
         image_index = torch.arange(boxes.shape[0], device=boxes.device)

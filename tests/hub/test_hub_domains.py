@@ -120,3 +120,8 @@ def test_switching_domains_keeps_adapters_frozen(adapters):
     for name in adapters:
         domains.use(name)
         assert not any(p.requires_grad for p in domains.model.parameters()), f"use({name!r}) made weights trainable"
+
+
+def test_predict_needs_a_box(images):
+    with pytest.raises(ValueError, match="`boxes` is empty"):
+        predict(load_sam2("tiny-random"), images, torch.zeros(0, 4))
