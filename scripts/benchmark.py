@@ -37,7 +37,14 @@ from sam2_peft.segmenter import SegmenterOutput, combine_prompts
 from sam2_peft.strategies import apply_strategy
 from sam2_peft.training import InteractiveSegmenter, build_optimizer, compute_loss
 
-STRATEGIES = {"decoder": {}, "partial": {"num_blocks": 2}, "lora": {"r": 8}, "full": {}}
+# name -> (apply_strategy's strategy, its options)
+STRATEGIES = {
+    "decoder": ("decoder", {}),
+    "partial": ("partial", {"num_blocks": 2}),
+    "lora": ("lora", {"r": 8}),
+    "lora-last4": ("lora", {"r": 8, "blocks": "last:4"}),
+    "full": ("full", {}),
+}
 WEIGHTS = LossWeights()
 
 
@@ -85,7 +92,8 @@ def make_batches(args, count: int, offset: int = 0) -> list[dict]:
 def fresh_model(args, strategy: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = Sam2Model(build_config(args.config, args.image_size)).to(args.device)
-    return apply_strategy(model, strategy, **STRATEGIES[strategy]).train()
+    name, options = STRATEGIES[strategy]
+    return apply_strategy(model, name, **options).train()
 
 
 def naive_step(model, optimizer, batch) -> float:
