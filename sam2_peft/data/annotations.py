@@ -49,10 +49,13 @@ def load_coco(path: str | os.PathLike, *, image_dir: str | os.PathLike | None = 
     per_image: dict[int, list[dict]] = {}
     for ann in coco["annotations"]:
         per_image.setdefault(ann["image_id"], []).append(ann)
+    listed = {info["id"] for info in coco["images"]}
+    orphans = sum(len(anns) for image_id, anns in per_image.items() if image_id not in listed)
     images, masks, ids = [], [], []
     for info in coco["images"]:
         height, width = int(info["height"]), int(info["width"])
-        labels = np.zeros((height, width), np.uint32)
+        count = len(per_image.get(info["id"], []))
+        labels = np.zeros((height, width), np.uint8 if count < 256 else np.uint16 if count < 65536 else np.uint32)
         for number, ann in enumerate(per_image.get(info["id"], []), start=1):
             segmentation = ann.get("segmentation")
             if not segmentation:
@@ -75,7 +78,7 @@ def load_coco(path: str | os.PathLike, *, image_dir: str | os.PathLike | None = 
         ids.append(Path(info["file_name"]).stem)
     if not images:
         raise DataError(f"{path} lists no images.")
-    return _dataset(images, masks, ids, {})
+    return _dataset(images, masks, ids, {"COCO annotations of images not in 'images'": orphans} if orphans else {})
 
 
 def slice_nifti_pairs(pairs: list[tuple[str, Path, Path]], *, axis: int = 2) -> datasets.Dataset:

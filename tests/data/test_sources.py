@@ -139,6 +139,7 @@ def test_coco_polygons_and_rle(tmp_path):
         "annotations": [
             {"id": 1, "image_id": 7, "category_id": 1, "segmentation": [[2, 2, 8, 2, 8, 6, 2, 6]], "iscrowd": 0},
             {"id": 2, "image_id": 7, "category_id": 1, "segmentation": rle, "iscrowd": 0},
+            {"id": 3, "image_id": 99, "category_id": 1, "segmentation": rle, "iscrowd": 0},  # no such image
         ],
         "categories": [{"id": 1, "name": "cell"}],
     }
@@ -148,6 +149,8 @@ def test_coco_polygons_and_rle(tmp_path):
     np.testing.assert_array_equal(labels == 2, square.astype(bool))
     ys, xs = np.nonzero(labels == 1)  # polygon (2,2)-(8,6): pycocotools rasterises its interior
     assert 2 <= xs.min() and xs.max() <= 8 and 2 <= ys.min() and ys.max() <= 6 and len(xs) >= 20
+    report = inspect_dataset(tmp_path / "instances.json", val_fraction=0)
+    assert report.splits["train"].skipped == {"COCO annotations of images not in 'images'": 1}
 
 
 def test_nifti_slices_skip_and_count_empty(tmp_path):
