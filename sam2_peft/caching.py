@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sam2_peft.hub.files import atomic_file
 from sam2_peft.segmenter import base_sam2
 
 logger = logging.getLogger(__name__)
@@ -265,10 +266,9 @@ class FeatureCache:
         payload = {f"level_{i}": t for i, t in enumerate(entry.tensors)}
         payload["checksum"] = checksum
         payload["dtype"] = torch.tensor(_DTYPES.index(str(dtype).removeprefix("torch.")))
-        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        save_file(payload, temporary)
         # Atomic: a process reading concurrently (or after a crash) sees a whole entry or none.
-        os.replace(temporary, path)
+        with atomic_file(path) as temporary:
+            save_file(payload, temporary)
         return entry
 
 

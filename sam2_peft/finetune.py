@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from sam2_peft.caching import plan_cache, preprocessing_key
 from sam2_peft.config import TrainConfig
 from sam2_peft.data import AugmentConfig, Preprocessor, PromptConfig, SegmentationDataset, collate_objects, load_source
-from sam2_peft.hub import save_adapter
+from sam2_peft.hub import atomic_file, save_adapter
 from sam2_peft.memory import compile_trainable, enable_gradient_checkpointing
 from sam2_peft.models import load_sam2, model_fingerprint
 from sam2_peft.strategies import apply_strategy, trainable_summary
@@ -380,10 +380,8 @@ def _save_trainable(accelerator: Accelerator, module: torch.nn.Module, path: Pat
     state_dict = accelerator.get_state_dict(module)
     if accelerator.is_main_process:
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items() if name in trainable}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        save_file(tensors, temporary, metadata={"step": str(step)})
-        os.replace(temporary, path)
+        with atomic_file(path) as temporary:
+            save_file(tensors, temporary, metadata={"step": str(step)})
 
 
 def _restore_trainable(module: torch.nn.Module, path: Path, step: int) -> None:
@@ -403,6 +401,5 @@ def _restore_trainable(module: torch.nn.Module, path: Path, step: int) -> None:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(payload, indent=2))
-    os.replace(temporary, path)
+    with atomic_file(path) as temporary:
+        temporary.write_text(json.dumps(payload, indent=2))

@@ -73,6 +73,28 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     shutil.rmtree(previous, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Write a file so that readers see either the previous file or the complete new one.
+
+    Yields a temporary sibling path (unique to this process) to write; on success it replaces `path` with
+    `os.replace`, on an exception it is deleted and `path` is left as it was.
+
+    Example:
+        >>> with atomic_file(tmp_path / "metrics.json") as tmp:
+        ...     tmp.write_text("{}")
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        yield staging
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    os.replace(staging, target)
+
+
 def check_file_name(name: str) -> None:
     """Refuse a file name that could escape an adapter folder: `..` parts, absolute paths, backslashes.
 

@@ -15,6 +15,7 @@ from sam2_peft.hub import (
     AdapterFileError,
     AdapterMismatchError,
     adapter_files,
+    atomic_file,
     atomic_folder,
     base_fingerprint,
     check_file_name,
@@ -153,6 +154,18 @@ def test_atomic_folder_keeps_the_previous_folder_on_error(tmp_path):
         (tmp / "sam2_peft.json").write_text("new")
     assert (target / "sam2_peft.json").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["final"]
+
+
+def test_atomic_file_keeps_the_previous_file_on_error(tmp_path):
+    target = tmp_path / "metrics.json"
+    with atomic_file(target) as tmp:
+        tmp.write_text("old")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with atomic_file(target) as tmp:
+            tmp.write_text("new, half written")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no staging file left behind
 
 
 @pytest.mark.parametrize("name", ["../evil.json", "/etc/passwd", "a\\..\\b", "sub/../../x", "C:/x"])
