@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 
 from sam2_peft.data.intensity import IntensityConfig, normalize_intensity
 from sam2_peft.data.io import read_file, to_hwc
 from sam2_peft.data.transforms import Preprocessor
 from sam2_peft.hub import DomainAdapters, predict
 from sam2_peft.segmenter import base_sam2
+from sam2_peft.training import masks_at_original_size
 
 
 def segment_image(
@@ -48,11 +48,13 @@ def segment_image(
     pixels = torch.from_numpy(normalize_intensity(to_hwc(read_file(image), what=str(image)), intensity))
     height, width = pixels.shape[-2:]
     boxes_in = preprocessor.scale_coords(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 2, 2), (height, width))
+    image_index = torch.zeros(len(boxes), dtype=torch.long)
     output = predict(model, preprocessor.pixel_values(pixels)[None], boxes_in.reshape(-1, 4),
-                     image_index=torch.zeros(len(boxes), dtype=torch.long), domain=domain)
-    logits = F.interpolate(output.mask_logits[:, :1].float(), size=(height, width), mode="bilinear")[:, 0]
+                     image_index=image_index, domain=domain)
+    geometry = {"image_index": image_index, "original_sizes": torch.tensor([[height, width]])}
+    masks = masks_at_original_size(output.mask_logits[:, 0], geometry, preprocessor.image_size)
     labels = np.zeros((height, width), np.uint16)
-    for index, mask in enumerate(logits > 0):
+    for index, mask in enumerate(masks):
         labels[mask.numpy()] = index + 1
     return labels
 

@@ -138,6 +138,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_r
 def masks_at_original_size(logits: torch.Tensor, batch: dict, input_size: int) -> list[torch.Tensor]:
     """Upsample (N, h, w) logits to each object's original image size, as `Sam2Processor.post_process_masks`.
 
+    `batch` needs only `image_index` (N,) and `original_sizes` (B, 2) as (H, W).
+
     Returns:
         N bool masks (H_i, W_i), in the order of `batch["full_masks"]`.
     """
