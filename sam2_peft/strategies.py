@@ -16,6 +16,7 @@ from peft import PEFT_TYPE_TO_CONFIG_MAPPING, LoraConfig, PeftConfig, PeftModel,
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
+from sam2_peft.fused_lora import InPlaceLoraLinear
 from sam2_peft.targets import PRESETS, TRUNK_BLOCKS, num_trunk_blocks, resolve_targets, select_blocks
 
 NON_PEFT_STRATEGIES = ("decoder", "partial", "full")
@@ -180,6 +181,8 @@ def _targeted(model: nn.Module, config: PeftConfig) -> list[str]:
 def _wrap(model: nn.Module, config: PeftConfig, names: list[str]) -> PeftModel:
     if config.peft_type == PeftType.OFT:
         _refuse_oft(names)
+    if isinstance(config, LoraConfig) and not config._custom_modules:
+        config._register_custom_module({nn.Linear: InPlaceLoraLinear})
     return get_peft_model(model, config)
 
 

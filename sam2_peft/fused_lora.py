@@ -1,0 +1,51 @@
+"""A LoRA linear layer that adds its low-rank update in place: two fewer full-size activations per adapted layer.
+
+PEFT's `lora.Linear` computes `result = result + lora_B(lora_A(x)) * scaling`, which briefly holds three tensors of
+the layer's output size (the base output, `lora_B`'s output scaled, and the sum). In Hiera's first stages an output
+is large (the first stage-change `qkv` at 1024 px: 65,536 tokens x 576 channels, 150 MB), and those transients, not
+stored activations, set LoRA's peak memory. `InPlaceLoraLinear` folds the update into the base output with one
+`addmm_`: same parameters, state dict, saving, merging and gradients as PEFT's layer, which it falls back to for
+everything but plain LoRA (DoRA and other variants, dropout, bias on B, mixed-adapter batches, merged or disabled
+adapters).
+
+`apply_strategy(model, "lora")` registers it through PEFT's custom-module API (`LoraConfig._register_custom_module`);
+an adapter saved from it is an ordinary PEFT LoRA adapter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
+from torch import nn
+
+
+class InPlaceLoraLinear(LoraLinear):
+    """PEFT's `lora.Linear`, with the plain-LoRA update added in place to the base layer's fresh output."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs or not self._in_place_applies():
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x)
+        flat = result.view(-1, result.shape[-1])
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            lora_a = self.lora_A[name]
+            hidden = lora_a(self._cast_input_dtype(x, lora_a.weight.dtype))
+            # Linear's backward does not need its output, so updating it in place is safe for autograd.
+            flat.addmm_(hidden.reshape(-1, hidden.shape[-1]).to(result.dtype),
+                        self.lora_B[name].weight.t().to(result.dtype), alpha=self.scaling[name])
+        return result
+
+    def _in_place_applies(self) -> bool:
+        if self.disable_adapters or self.merged:
+            return False
+        return all(
+            name not in self.lora_variant
+            and isinstance(self.lora_dropout[name], nn.Identity)
+            and self.lora_B[name].bias is None
+            for name in self.active_adapters
+            if name in self.lora_A
+        )
