@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sam2_peft.segmenter import PADDING, Sam2Segmenter, combine_prompts
+from sam2_peft.segmenter import PADDING, Sam2Segmenter, combine_prompts, pointwise_conv
 
 
 def test_matches_sam2model_forward_for_boxes(tiny_model):
@@ -89,3 +89,36 @@ def test_errors(tiny_model, tiny_batch):
         combine_prompts(points=torch.zeros(2, 3, 2), point_labels=torch.zeros(2, 2))
     with pytest.raises(TypeError, match="Expected a Sam2Model"):
         Sam2Segmenter(torch.nn.Linear(2, 2))
+
+
+def test_decoder_gradients_match_sam2model_forward(tiny_model):
+    """The training forward (GEMM 1x1 projections, `index_select` gathers) back-propagates like `Sam2Model`."""
+    pixel_values = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    boxes = torch.tensor([[[10.0, 20, 100, 120], [50, 50, 200, 210]], [[5.0, 6, 70, 80], [100, 100, 250, 250]]])
+    weights = torch.randn(2, 2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    decoder = tiny_model.mask_decoder
+
+    def gradients(loss):
+        tiny_model.zero_grad()
+        loss.backward()
+        return {name: p.grad.clone() for name, p in decoder.named_parameters() if p.grad is not None}
+
+    reference = gradients((tiny_model(pixel_values=pixel_values, input_boxes=boxes).pred_masks * weights).sum())
+    coords, labels = combine_prompts(boxes=boxes.reshape(-1, 4))
+    ours = Sam2Segmenter(tiny_model)(
+        pixel_values, image_index=torch.tensor([0, 0, 1, 1]), point_coords=coords, point_labels=labels
+    )
+    ours = gradients((ours.mask_logits * weights.reshape(4, 3, 64, 64)).sum())
+    assert {"conv_s0.weight", "conv_s1.weight", "upscale_conv1.weight"} <= ours.keys() == reference.keys()
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_pointwise_conv_is_the_convolution_and_calls_anything_else():
+    features = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(4))
+    conv = torch.nn.Conv2d(16, 4, 1)
+    torch.testing.assert_close(pointwise_conv(conv, features), conv(features), rtol=1e-5, atol=1e-6)
+    no_bias = torch.nn.Conv2d(16, 4, 1, bias=False)
+    torch.testing.assert_close(pointwise_conv(no_bias, features), no_bias(features), rtol=1e-5, atol=1e-6)
+    wider = torch.nn.Conv2d(16, 4, 3, padding=1)  # not 1x1: called as it is
+    torch.testing.assert_close(pointwise_conv(wider, features), wider(features), rtol=0, atol=0)
