@@ -87,7 +87,7 @@ class TrainConfig:
     weight_decay: float = _help("AdamW weight decay.", default=1e-2)
     warmup_ratio: float = _help("Fraction of the steps with linear warmup before the cosine decay.", default=0.05)
     max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
-    mixed_precision: str = _help("no | bf16 | fp16 (GPU); passed to accelerate.", default="no")
+    mixed_precision: str | None = _help("no | bf16 | fp16 (GPU). Unset: what `accelerate launch` was configured with (`--mixed_precision` or the `--config_file`), else no.", default=None)
     seed: int = _help("Seed for weights, data order, augmentation and prompts.", default=42)
     deterministic: bool = _help("Deterministic kernels, so a resumed run ends bit-identical to an uninterrupted one (CPU); costs speed on GPU.", default=True)
     focal_weight: float = _help("Weight of the focal loss.", default=20.0)
@@ -121,7 +121,7 @@ class TrainConfig:
             raise ValueError("`--strategy partial` needs `--num_blocks N` (the last N Hiera blocks) or `--blocks`.")
         if self.mask_type not in ("instance", "semantic"):
             raise ValueError(f"`--mask_type {self.mask_type}` is unknown; use instance or semantic.")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
+        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise ValueError(f"`--mixed_precision {self.mixed_precision}` is unknown; use no, bf16 or fp16.")
         if self.decoder_mode not in ("frozen", "full", "adapter"):
             raise ValueError(f"`--decoder_mode {self.decoder_mode}` is unknown; use frozen, full or adapter.")

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import sam2_peft.finetune as finetune_module
@@ -105,6 +106,13 @@ def test_bf16_autocast_and_tensorboard_logging(tmp_path):
 
     tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
     assert {"loss", "lr", "images_per_s", "peak_memory_mb", "val/dice"} <= set(tags)
+
+
+@pytest.mark.parametrize("flag, expected", [(None, "bf16"), ("no", "no")])
+def test_mixed_precision_follows_the_accelerate_config_unless_given(tmp_path, monkeypatch, flag, expected):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --config_file` exports
+    finetune(tiny_config(tmp_path, strategy="decoder", mixed_precision=flag, max_steps=1, eval_steps=1))
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["mixed_precision"] == expected
 
 
 def test_feature_cache_encodes_each_view_once(tmp_path, monkeypatch):
