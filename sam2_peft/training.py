@@ -125,6 +125,26 @@ def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float)
     return torch.optim.AdamW(groups, lr=learning_rate, fused=fused, foreach=None if fused else True)
 
 
+def initialise_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter of a `build_optimizer` AdamW the zero state its first update would create.
+
+    The state is what lazy initialisation makes (step 0, zero moments), so the updates that follow are the same. A
+    parameter without a gradient so far (the mask-prompt encoder before any mask prompt, say) would otherwise have no
+    state, and FSDP2 refuses to load a checkpoint that lacks the state of a trainable parameter. Call it after
+    `accelerator.prepare`, which may replace the parameters with sharded ones.
+    """
+    state = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    amsgrad = any(group.get("amsgrad", False) for group in optimizer.param_groups)
+    for index, param in enumerate(params):
+        if state["state"].get(index):
+            continue
+        moments = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+        # load_state_dict puts `step` where the optimizer keeps it (the parameter's device when fused).
+        state["state"][index] = {"step": torch.tensor(0.0), **{name: torch.zeros_like(param) for name in moments}}
+    optimizer.load_state_dict(state)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float, num_processes: int = 1):
     """Linear warmup over `warmup_ratio` of the steps, then cosine decay to zero.
 
