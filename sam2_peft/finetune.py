@@ -38,6 +38,7 @@ from sam2_peft.training import (
     TrainState,
     build_optimizer,
     build_scheduler,
+    initialise_optimizer_state,
     compute_loss,
     latest_checkpoint,
     loss_weights,
@@ -162,6 +163,7 @@ def _run(cfg: TrainConfig) -> dict:
 
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     module, optimizer, train_loader, val_loader = accelerator.prepare(module, optimizer, train_loader, val_loader)
+    initialise_optimizer_state(optimizer)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, accelerator.num_processes)
@@ -216,7 +218,10 @@ def _run(cfg: TrainConfig) -> dict:
                 torch.manual_seed(step_seed + accelerator.process_index)
                 clicks = torch.Generator(device=batch["masks"].device)
                 clicks.manual_seed(step_seed + accelerator.process_index)
-                outputs = module(batch, correction_rounds=cfg.correction_rounds, generator=clicks)
+                # accelerate autocasts the forward of DDP models but not of FSDP2 ones (mixed precision is a sharding
+                # policy there), and SAM2 mixes fp32 buffers into its activations: autocast explicitly.
+                with accelerator.autocast():
+                    outputs = module(batch, correction_rounds=cfg.correction_rounds, generator=clicks)
                 local_objects = torch.tensor([float(len(batch["image_index"]))], device=accelerator.device)
                 losses = compute_loss(outputs, batch, weights, accelerator.gather(local_objects).mean())
                 finite = accelerator.gather(torch.isfinite(losses["loss"].detach())[None]).all()

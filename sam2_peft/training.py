@@ -193,8 +193,9 @@ def validate(
     for batch in loader:
         if attach_cache is not None:
             attach_cache(batch)
-        outputs = module(batch, correction_rounds=correction_rounds, generator=clicks)
-        logits = best_mask_logits(outputs[-1])
+        with accelerator.autocast():  # as in training (FSDP2 does not autocast by itself)
+            outputs = module(batch, correction_rounds=correction_rounds, generator=clicks)
+        logits = best_mask_logits(outputs[-1]).float()
         predictions = masks_at_original_size(logits, batch, batch["masks"].shape[-1])
         per_image = [[] for _ in batch["image_ids"]]
         for index, (pred, target) in enumerate(zip(predictions, batch["full_masks"])):

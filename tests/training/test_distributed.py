@@ -1,4 +1,4 @@
-"""Two CPU processes (torchrun, gloo) keep identical weights and match one process with the same global batch."""
+"""Two CPU processes (torchrun, gloo), under DDP and under FSDP, match one process with the same global batch."""
 
 import json
 import os
@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
-from train_helpers import SAMPLE_DATA
+from train_helpers import SAMPLE_DATA, final_tensors
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).parent / "ddp_worker.py"
+FSDP_WORKER = Path(__file__).parent / "fsdp_worker.py"
+REPO = Path(__file__).parents[2]
 
 
 def args(output_dir: Path, batch_size: int) -> list[str]:
@@ -51,3 +54,60 @@ def test_two_processes_match_one(tmp_path):
         # Gradients agree to float summation order; Adam's per-element normalisation turns that into update
         # differences up to a few % of one step (lr = 1e-3) where a gradient is near zero, hence atol 1e-4.
         torch.testing.assert_close(rank0[name], single[name], rtol=1e-3, atol=1e-4, msg=f"{name}: 2 processes != 1")
+
+
+def fsdp_launch_env(processes: int) -> dict:
+    """The environment `accelerate launch --config_file recipes/accelerate/fsdp.yaml` gives each process."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    config = str(REPO / "recipes" / "accelerate" / "fsdp.yaml")
+    parsed = launch_command_parser().parse_args(["--config_file", config, "--num_processes", str(processes), "x.py"])
+    env = prepare_multi_gpu_env(_validate_launch_command(parsed)[0])
+    return {**env, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="needs torchrun")
+def test_fsdp_config_trains_the_full_recipe_like_one_process(tmp_path):
+    """recipes/accelerate/fsdp.yaml on 2 CPU processes: sharded training, gathered best and final weights."""
+    env = fsdp_launch_env(2)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    common = ["--model", "tiny-random", "--data", SAMPLE_DATA, "--max_steps", "4", "--eval_steps", "4",
+              "--checkpoint_steps", "2", "--max_objects_per_image", "3", "--learning_rate", "1e-3", "--seed", "5"]
+    runs = {
+        # (command, output folder): the config's bf16, then fp32 on both sides for an exact comparison.
+        "fsdp-bf16": [torchrun, "--nproc_per_node", "2", "--master_port", "29533", str(FSDP_WORKER),
+                      "--batch_size", "3"],
+        "fsdp": [torchrun, "--nproc_per_node", "2", "--master_port", "29534", str(FSDP_WORKER), "--batch_size", "3",
+                 "--mixed_precision", "no"],
+        "one": [sys.executable, str(REPO / "recipes" / "full_finetune.py"), "--batch_size", "6",
+                "--mixed_precision", "no"],
+    }
+    for name, command in runs.items():
+        done = subprocess.run([*command, *common, "--output_dir", str(tmp_path / name)], capture_output=True,
+                              text=True, timeout=600, env=env if name != "one" else {**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, f"{name}: {done.stderr[-3000:]}"
+        if name != "one":  # the config's wrap policy: one unit per Hiera block and per two-way block, plus the root
+            units = next(line for line in done.stdout.splitlines() if line.startswith("FSDP units:")).split()[-1]
+            counts = {unit: units.split(",").count(unit) for unit in set(units.split(","))}
+            assert counts == {"FSDPSam2MultiScaleBlock": 8, "FSDPSam2TwoWayAttentionBlock": 2,
+                              "FSDPInteractiveSegmenter": 1}, counts
+
+    bf16 = json.loads((tmp_path / "fsdp-bf16" / "metrics.json").read_text())
+    assert bf16["steps"] == 4 and bf16["nonfinite_steps"] == 0
+    assert yaml.safe_load((tmp_path / "fsdp-bf16" / "config.yaml").read_text())["mixed_precision"] == "bf16"
+    sharded, single = final_tensors(tmp_path / "fsdp"), final_tensors(tmp_path / "one")
+    assert sharded.keys() == single.keys() and len(single) > 100
+    for name in single:
+        torch.testing.assert_close(sharded[name], single[name], rtol=1e-3, atol=1e-4, msg=f"{name}: FSDP != 1 process")
+
+    # Resume the sharded run from its step-2 checkpoint (sharded model and optimiser state): the same final weights.
+    shutil.copytree(tmp_path / "fsdp" / "checkpoints", tmp_path / "resumed" / "checkpoints")
+    command = [*runs["fsdp"], *common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Resumed from" in done.stdout + done.stderr and "at step 2" in done.stdout + done.stderr
+    resumed = final_tensors(tmp_path / "resumed")
+    for name in sharded:
+        torch.testing.assert_close(resumed[name], sharded[name], rtol=0, atol=0, msg=f"{name}: resumed != uninterrupted")
