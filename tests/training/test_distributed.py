@@ -84,11 +84,15 @@ def test_fsdp_config_trains_the_full_recipe_like_one_process(tmp_path):
         "one": [sys.executable, str(REPO / "recipes" / "full_finetune.py"), "--batch_size", "6",
                 "--mixed_precision", "no"],
     }
+    # LoRA through the same FSDP path: PEFT layers inside the sharded blocks, the adapter gathered for saving.
+    runs["fsdp-lora"] = [*runs["fsdp"], "--strategy", "lora"]
+    runs["one-lora"] = [*runs["one"], "--strategy", "lora"]
     for name, command in runs.items():
-        done = subprocess.run([*command, *common, "--output_dir", str(tmp_path / name)], capture_output=True,
-                              text=True, timeout=600, env=env if name != "one" else {**os.environ, "OMP_NUM_THREADS": "1"})
+        single_process = name.startswith("one")
+        done = subprocess.run([*command, *common, "--output_dir", str(tmp_path / name)], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"} if single_process else env)
         assert done.returncode == 0, f"{name}: {done.stderr[-3000:]}"
-        if name != "one":  # the config's wrap policy: one unit per Hiera block and per two-way block, plus the root
+        if not single_process:  # the config's wrap policy: one unit per Hiera block and per two-way block, plus the root
             units = next(line for line in done.stdout.splitlines() if line.startswith("FSDP units:")).split()[-1]
             counts = {unit: units.split(",").count(unit) for unit in set(units.split(","))}
             assert counts == {"FSDPSam2MultiScaleBlock": 8, "FSDPSam2TwoWayAttentionBlock": 2,
@@ -97,10 +101,12 @@ def test_fsdp_config_trains_the_full_recipe_like_one_process(tmp_path):
     bf16 = json.loads((tmp_path / "fsdp-bf16" / "metrics.json").read_text())
     assert bf16["steps"] == 4 and bf16["nonfinite_steps"] == 0
     assert yaml.safe_load((tmp_path / "fsdp-bf16" / "config.yaml").read_text())["mixed_precision"] == "bf16"
-    sharded, single = final_tensors(tmp_path / "fsdp"), final_tensors(tmp_path / "one")
-    assert sharded.keys() == single.keys() and len(single) > 100
-    for name in single:
-        torch.testing.assert_close(sharded[name], single[name], rtol=1e-3, atol=1e-4, msg=f"{name}: FSDP != 1 process")
+    for sharded_run, single_run, count in [("fsdp", "one", 100), ("fsdp-lora", "one-lora", 16)]:
+        sharded, single = final_tensors(tmp_path / sharded_run), final_tensors(tmp_path / single_run)
+        assert sharded.keys() == single.keys() and len(single) >= count
+        for name in single:
+            torch.testing.assert_close(sharded[name], single[name], rtol=1e-3, atol=1e-4, msg=f"{sharded_run} {name}")
+    sharded = final_tensors(tmp_path / "fsdp")
 
     # Resume the sharded run from its step-2 checkpoint (sharded model and optimiser state): the same final weights.
     shutil.copytree(tmp_path / "fsdp" / "checkpoints", tmp_path / "resumed" / "checkpoints")
