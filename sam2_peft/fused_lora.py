@@ -1,15 +1,16 @@
-"""A LoRA linear layer that adds its low-rank update in place: two fewer full-size activations per adapted layer.
+"""A LoRA linear layer that adds its low-rank update in place: two fewer output-sized tensors per adapted layer.
 
-PEFT's `lora.Linear` computes `result = result + lora_B(lora_A(x)) * scaling`, which briefly holds three tensors of
-the layer's output size (the base output, `lora_B`'s output scaled, and the sum). In Hiera's first stages an output
-is large (the first stage-change `qkv` at 1024 px: 65,536 tokens x 576 channels, 150 MB), and those transients, not
-stored activations, set LoRA's peak memory. `InPlaceLoraLinear` folds the update into the base output with one
-`addmm_`: same parameters, state dict, saving, merging and gradients as PEFT's layer, which it falls back to for
-everything but plain LoRA (DoRA and other variants, dropout, bias on B, mixed-adapter batches, merged or disabled
-adapters).
+PEFT's `lora.Linear` computes `result = result + lora_B(lora_A(x)) * scaling`, which writes two extra tensors of
+the layer's output size (`lora_B`'s output scaled, then the sum). In Hiera's first stages outputs are large (the
+first stage-change `qkv` at 1024 px: 65,536 tokens x 576 channels, 150 MB), so those passes over memory cost about
+12% of a LoRA training step on CPU (hiera-tiny, 1024 px). `InPlaceLoraLinear` folds the update into the base output
+with one `addmm_` instead. It has the same parameters, state dict, saving, merging and gradients as PEFT's layer,
+which it falls back to for everything but plain LoRA (DoRA and other variants, dropout, a bias on B, mixed-adapter
+batches, merged or disabled adapters). Peak memory is set elsewhere (the backward of the stage-change attention), so
+it does not move.
 
-`apply_strategy(model, "lora")` registers it through PEFT's custom-module API (`LoraConfig._register_custom_module`);
-an adapter saved from it is an ordinary PEFT LoRA adapter.
+`apply_strategy` registers it for every LoRA config through PEFT's custom-module API
+(`LoraConfig._register_custom_module`); an adapter saved from it is an ordinary PEFT LoRA adapter.
 """
 
 from __future__ import annotations
