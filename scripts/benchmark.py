@@ -9,7 +9,8 @@ Everything runs in one process on random weights (offline). An "epoch" is `--ste
   with `--gradient_checkpointing`; cached strategies run two epochs and report the second (the first fills the
   cache). Ratios are naive time / ours.
 - memory: CUDA max allocated on GPU (in process); on CPU, where RSS never goes down, each strategy runs two steps
-  in a subprocess and reports peak RSS minus the RSS before the model was built (weights + training memory).
+  in a subprocess and reports its peak RSS (VmHWM) minus the RSS before the model was built (weights + training
+  memory).
 Writes `benchmark.json` and `benchmark.md` to `--output`.
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -179,21 +179,22 @@ def probe_memory(args, strategy: str, mode: str) -> float:
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
-def rss_mb() -> float:
+def status_mb(field: str) -> float:
+    """A memory line of /proc/self/status in MB: VmRSS (now) or VmHWM (this process's peak)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("/proc/self/status has no VmRSS line; CPU memory probes need Linux.")
+    raise RuntimeError(f"/proc/self/status has no {field} line; CPU memory probes need Linux.")
 
 
 def run_probe(args) -> None:
     strategy, mode = args.probe.split(":")
-    before = rss_mb()
+    before = status_mb("VmRSS")
     step, _ = setup(args, strategy, mode)
     for batch in make_batches(args, 2, offset=1000):
         step(batch)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_mb": peak - before}))
+    # VmHWM, not getrusage's ru_maxrss: Linux carries the parent's peak RSS into ru_maxrss across fork and exec.
+    print(json.dumps({"peak_mb": status_mb("VmHWM") - before}))
 
 
 def median_time(fn, args, repeats: int) -> float:
