@@ -251,6 +251,7 @@ def evaluate_model(
         val_split=val_split,
         val_fraction=val_fraction,
         seed=seed,
+        mask_type=mask_type,
     )
     split = split or ("test" if "test" in splits else "val")
     if split not in splits:

@@ -108,6 +108,7 @@ def _run(cfg: TrainConfig) -> dict:
             val_split=cfg.val_split,
             val_fraction=cfg.val_fraction,
             seed=cfg.seed,
+            mask_type=cfg.mask_type,
         )
     if "val" not in splits:
         raise ValueError(

@@ -21,19 +21,28 @@ from sam2_peft.data.io import DataError, encode_array
 logger = logging.getLogger(__name__)
 
 
-def load_coco(path: str | os.PathLike, *, image_dir: str | os.PathLike | None = None) -> datasets.Dataset:
-    """Load COCO instance annotations as rows of image paths and instance label maps.
+def load_coco(
+    path: str | os.PathLike, *, image_dir: str | os.PathLike | None = None, mask_type: str = "instance"
+) -> datasets.Dataset:
+    """Load COCO annotations as rows of image paths and label maps.
 
     Args:
         path: the annotation file (`instances_*.json`).
         image_dir: the folder `file_name`s are relative to (default: `images/` next to the json if present, else the
             json's folder).
+        mask_type: `instance` numbers the annotations of each image 1, 2, ...; `semantic` writes each annotation's
+            `category_id`, so annotations of one category merge into one object per class.
+
+    Where annotations overlap, the later one in the file keeps the pixels; an annotation left with no pixel at all is
+    counted in the split's skipped report, as are annotations of images the file does not list.
 
     Example:
         >>> rows = load_coco("annotations/instances_val.json")
     """
     from pycocotools import mask as mask_utils
 
+    if mask_type not in ("instance", "semantic"):
+        raise ValueError(f"mask_type={mask_type!r} is unknown; use 'instance' or 'semantic'.")
     path = Path(path)
     try:
         coco = json.loads(path.read_text())
@@ -50,13 +59,21 @@ def load_coco(path: str | os.PathLike, *, image_dir: str | os.PathLike | None = 
     for ann in coco["annotations"]:
         per_image.setdefault(ann["image_id"], []).append(ann)
     listed = {info["id"] for info in coco["images"]}
-    orphans = sum(len(anns) for image_id, anns in per_image.items() if image_id not in listed)
+    skipped = {
+        "COCO annotations of images not in 'images'": sum(
+            len(anns) for image_id, anns in per_image.items() if image_id not in listed
+        ),
+        "COCO annotations hidden by later overlapping ones": 0,
+    }
     images, masks, ids = [], [], []
     for info in coco["images"]:
         height, width = int(info["height"]), int(info["width"])
-        count = len(per_image.get(info["id"], []))
-        labels = np.zeros((height, width), np.uint8 if count < 256 else np.uint16 if count < 65536 else np.uint32)
-        for number, ann in enumerate(per_image.get(info["id"], []), start=1):
+        anns = per_image.get(info["id"], [])
+        values = [_label_value(ann, number, mask_type, path) for number, ann in enumerate(anns, start=1)]
+        largest = max(values, default=0)
+        labels = np.zeros((height, width), np.uint8 if largest < 256 else np.uint16 if largest < 65536 else np.uint32)
+        owner = np.zeros((height, width), np.int32)  # which annotation holds each pixel, to find hidden ones
+        for number, (ann, value) in enumerate(zip(anns, values), start=1):
             segmentation = ann.get("segmentation")
             if not segmentation:
                 raise DataError(f"{path}: annotation id={ann.get('id')} of image {info['file_name']} has no segmentation.")
@@ -66,7 +83,10 @@ def load_coco(path: str | os.PathLike, *, image_dir: str | os.PathLike | None = 
                 rle = mask_utils.frPyObjects(segmentation, height, width)
             else:
                 rle = segmentation
-            labels[mask_utils.decode(rle).astype(bool)] = number
+            area = mask_utils.decode(rle).astype(bool)
+            labels[area] = value
+            owner[area] = number
+        skipped["COCO annotations hidden by later overlapping ones"] += len(anns) - len(np.unique(owner[owner > 0]))
         image_path = image_dir / info["file_name"]
         if not image_path.is_file():
             raise DataError(
@@ -78,7 +98,19 @@ def load_coco(path: str | os.PathLike, *, image_dir: str | os.PathLike | None = 
         ids.append(Path(info["file_name"]).stem)
     if not images:
         raise DataError(f"{path} lists no images.")
-    return _dataset(images, masks, ids, {"COCO annotations of images not in 'images'": orphans} if orphans else {})
+    return _dataset(images, masks, ids, {reason: count for reason, count in skipped.items() if count})
+
+
+def _label_value(ann: dict, number: int, mask_type: str, path: Path) -> int:
+    if mask_type == "instance":
+        return number
+    category = ann.get("category_id")
+    if not isinstance(category, int) or category < 1:
+        raise DataError(
+            f"{path}: annotation id={ann.get('id')} has category_id={category!r}; semantic label maps need positive "
+            "integer categories (0 is background)."
+        )
+    return category
 
 
 def slice_nifti_pairs(pairs: list[tuple[str, Path, Path]], *, axis: int = 2) -> datasets.Dataset:

@@ -149,7 +149,7 @@ def inspect_dataset(
         train: 24 images, 24 usable, 118 objects
         ...
     """
-    splits = load_source(data, **source_options)
+    splits = load_source(data, mask_type=mask_type, **source_options)
     return DataReport(
         {
             name: scan_split(

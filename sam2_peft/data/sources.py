@@ -52,6 +52,7 @@ def load_source(
     seed: int = 0,
     revision: str | None = None,
     coco_image_dir: str | os.PathLike | None = None,
+    mask_type: str = "instance",
     nifti_axis: int = 2,
 ) -> datasets.DatasetDict:
     """Load `data` as splits with the columns `image`, `mask`, `image_id` and `domain`.
@@ -72,6 +73,8 @@ def load_source(
         revision: dataset revision for Hub ids.
         coco_image_dir: folder the COCO `file_name`s are relative to (default: `images/` next to the json, else the
             json's folder).
+        mask_type: for COCO, `instance` label maps or `semantic` ones of `category_id`s (other sources come with
+            their label maps).
         nifti_axis: axis along which NIfTI volumes are cut into 2-D slices (2 = axial for RAS volumes).
 
     Returns:
@@ -89,7 +92,7 @@ def load_source(
         if path.is_file() and path.suffix.lower() == ".json":
             from sam2_peft.data.annotations import load_coco
 
-            splits = datasets.DatasetDict(train=load_coco(path, image_dir=coco_image_dir))
+            splits = datasets.DatasetDict(train=load_coco(path, image_dir=coco_image_dir, mask_type=mask_type))
         elif path.is_dir() and _is_saved_dataset(path):
             loaded = datasets.load_from_disk(str(path))
             splits = _from_datasets(loaded, image_column, mask_column, domain_column, train_split, val_split, test_split)

@@ -153,6 +153,43 @@ def test_coco_polygons_and_rle(tmp_path):
     assert report.splits["train"].skipped == {"COCO annotations of images not in 'images'": 1}
 
 
+def test_coco_semantic_maps_hold_category_ids_and_hidden_annotations_are_counted(tmp_path):
+    (tmp_path / "images").mkdir()
+    import PIL.Image
+
+    PIL.Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "images" / "b.png")
+
+    def box(x0, y0, x1, y1):
+        return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+    coco = {
+        "images": [{"id": 1, "file_name": "b.png", "height": 10, "width": 10}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 3, "segmentation": box(0, 0, 4, 4)},
+            {"id": 2, "image_id": 1, "category_id": 3, "segmentation": box(5, 5, 9, 9)},
+            {"id": 3, "image_id": 1, "category_id": 7, "segmentation": box(6, 0, 9, 3)},
+            {"id": 4, "image_id": 1, "category_id": 7, "segmentation": box(1, 1, 2, 2)},  # inside annotation 1
+            {"id": 5, "image_id": 1, "category_id": 3, "segmentation": box(0, 0, 4, 4)},  # covers 1 and 4 again
+        ],
+    }
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(coco))
+    _, semantic = decode_row(load_source(path, val_fraction=0, mask_type="semantic")["train"][0], where="coco")
+    assert sorted(np.unique(semantic)) == [0, 3, 7]
+    assert (semantic[0:4, 0:4] == 3).all() and (semantic[6:9, 6:9] == 3).all() and (semantic[0:3, 7:9] == 7).all()
+    _, instance = decode_row(load_source(path, val_fraction=0)["train"][0], where="coco")
+    assert sorted(np.unique(instance)) == [0, 2, 3, 5]  # annotations 1 and 4 lost every pixel to annotation 5
+    report = inspect_dataset(path, val_fraction=0)
+    assert report.splits["train"].skipped == {"COCO annotations hidden by later overlapping ones": 2}
+    semantic_report = inspect_dataset(path, val_fraction=0, mask_type="semantic")
+    assert semantic_report.splits["train"].class_counts == {3: 1, 7: 1}
+
+    coco["annotations"][0]["category_id"] = 0
+    path.write_text(json.dumps(coco))
+    with pytest.raises(DataError, match="id=1 has category_id=0"):
+        load_source(path, val_fraction=0, mask_type="semantic")
+
+
 def test_nifti_slices_skip_and_count_empty(tmp_path):
     import nibabel
 
