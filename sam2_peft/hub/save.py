@@ -16,14 +16,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sam2_peft.hub.files import (
-    ADAPTER_FILES,
     MODEL_CARD,
+    PEFT_CONFIG,
+    SAM2_PEFT_JSON,
     TRAINED_TENSORS,
     adapter_files,
     atomic_folder,
     base_fingerprint as fingerprint_of,
     is_hub_id,
     portable_base_name,
+    read_json,
     write_sam2_peft_json,
 )
 from sam2_peft.segmenter import base_sam2
@@ -227,7 +229,8 @@ def push_adapter(
     """Upload an adapter folder to a Hub model repository, creating the repository (and branch) when needed.
 
     Only the adapter's own files (`ADAPTER_FILES`) are sent; `checkpoints/` (optimiser state, pickles) is sent
-    only with `include_checkpoints=True`.
+    only with `include_checkpoints=True`. The model card is rebuilt for `repo_id` (title and usage snippet name the
+    repository, not the local folder), keeping its metrics and datasets. Everything lands in one commit.
 
     Args:
         folder: an adapter folder written by `save_adapter`.
@@ -245,24 +248,43 @@ def push_adapter(
         >>> info = push_adapter("runs/lora/final", "me/sam2-lora-ct", private=True)
         >>> info.commit_url
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     path = Path(folder)
     if not path.is_dir():
         raise FileNotFoundError(f"Adapter folder {str(path)!r} does not exist; save one with `save_adapter` first.")
-    names = [p.name for p in path.iterdir() if p.is_file()]
-    adapter_files(names, f"Adapter folder {str(path)!r}")
-    patterns = list(ADAPTER_FILES) + (["checkpoints/*"] if include_checkpoints else [])
+    names = adapter_files([p.name for p in path.iterdir() if p.is_file()], f"Adapter folder {str(path)!r}")
+    card = _card_for_repo(path, repo_id)
+    files = [name for name in names if card is None or name != MODEL_CARD]
+    if include_checkpoints:
+        files += sorted(p.relative_to(path).as_posix() for p in (path / "checkpoints").rglob("*") if p.is_file())
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path / name)) for name in files]
+    if card is not None:
+        operations.append(CommitOperationAdd(path_in_repo=MODEL_CARD, path_or_fileobj=str(card).encode()))
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision is not None:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    return api.upload_folder(
+    return api.create_commit(
+        repo_id, operations, commit_message=commit_message or "Upload SAM2 adapter", revision=revision
+    )
+
+
+def _card_for_repo(folder: Path, repo_id: str) -> ModelCard | None:
+    """The folder's model card rebuilt for `repo_id`, or None when the folder has no sam2-peft record to build from."""
+    record = read_json(folder, SAM2_PEFT_JSON)
+    if record is None:
+        return None
+    saved = ModelCard.load(folder / MODEL_CARD).data if (folder / MODEL_CARD).is_file() else ModelCardData()
+    peft_config = read_json(folder, PEFT_CONFIG)
+    return build_model_card(
+        base_model_name_or_path=record["base_model_name_or_path"],
+        fingerprint=record["base_fingerprint"],
+        strategy=record["strategy"],
+        peft_type=str(peft_config["peft_type"]).lower() if peft_config else None,
+        metrics={result.metric_type: result.metric_value for result in saved.eval_results or []},
+        datasets=saved.datasets,
         repo_id=repo_id,
-        folder_path=path,
-        revision=revision,
-        commit_message=commit_message or "Upload SAM2 adapter",
-        allow_patterns=patterns,
     )
 
 

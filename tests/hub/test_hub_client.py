@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from hub_client import adapter_checksum
 from hub_helpers import lora_model
 from hub_server import HubTestServer
@@ -46,7 +47,15 @@ def test_push_sends_exactly_the_adapter_files(adapter, monkeypatch):
         assert (commit["revision"], commit["summary"]) == ("ct-v1", "CT adapter")
         assert sorted(commit["files"]) == ADAPTER_FILES  # never checkpoints/
         for name, data in commit["files"].items():
-            assert data == (adapter / name).read_bytes(), name
+            if name != "README.md":
+                assert data == (adapter / name).read_bytes(), name
+        # The card names the repository, not the local folder, and keeps the run's metrics.
+        local, pushed = (adapter / "README.md").read_text(), commit["files"]["README.md"].decode()
+        assert "# final: SAM2 lora adapter" in local and '"final"' in local
+        assert "# me/sam2-lora: SAM2 lora adapter" in pushed and '"me/sam2-lora"' in pushed and '"final"' not in pushed
+        metadata = yaml.safe_load(pushed.split("---")[1])
+        assert metadata["base_model"] == "me/base" and "lora" in metadata["tags"]
+        assert metadata["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.5
         assert info.commit_url == f"{server.url}/me/sam2-lora/commit/{info.oid}"
 
         push_adapter(adapter, "me/sam2-lora", include_checkpoints=True, token="hf_test")  # existing repo: fine
