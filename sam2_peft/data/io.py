@@ -2,7 +2,8 @@
 
 Every source stores its cells the same way (a path, encoded bytes, a PIL image or an array), so this is the one
 place that turns them into arrays and the one place that says what is wrong with them. TIFF goes through
-`tifffile` because PIL cannot read multi-channel 16-bit or float TIFFs.
+`tifffile` because PIL cannot read multi-channel 16-bit or float TIFFs, and 16-bit colour PNGs through `pypng`
+because PIL reads them as 8-bit, silently dropping the low byte of every channel.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
+import png
 import tifffile
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MASK_SUFFIXES = (".png", ".tif", ".tiff")
 MASK_TYPES = ("instance", "semantic")
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 class DataError(ValueError):
@@ -42,9 +45,12 @@ def read_file(path: str | Path, *, is_mask: bool = False) -> np.ndarray:
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             return np.asarray(tifffile.imread(path))
+        with path.open("rb") as handle:
+            if _is_deep_colour_png(handle.read(26)):
+                return _read_deep_colour_png(path.read_bytes(), is_mask=is_mask)
         with PIL.Image.open(path) as image:
             return _pil_to_array(image, is_mask=is_mask)
-    except (OSError, ValueError, SyntaxError, tifffile.TiffFileError) as err:
+    except (OSError, ValueError, SyntaxError, tifffile.TiffFileError, png.Error) as err:
         raise DataError(f"{path}: cannot be read as an image ({err}); re-export it or remove it.") from err
 
 
@@ -92,10 +98,25 @@ def _decode_bytes(data: bytes, *, what: str, is_mask: bool) -> np.ndarray:
     try:
         if data[:4] in _TIFF_MAGIC:
             return np.asarray(tifffile.imread(io.BytesIO(data)))
+        if _is_deep_colour_png(data[:26]):
+            return _read_deep_colour_png(data, is_mask=is_mask)
         with PIL.Image.open(io.BytesIO(data)) as image:
             return _pil_to_array(image, is_mask=is_mask)
-    except (OSError, ValueError, SyntaxError, tifffile.TiffFileError) as err:
+    except (OSError, ValueError, SyntaxError, tifffile.TiffFileError, png.Error) as err:
         raise DataError(f"{what}: cannot be decoded as an image ({err}); re-export it or drop that row.") from err
+
+
+def _is_deep_colour_png(head: bytes) -> bool:
+    """Whether a file starting with `head` (26 bytes) is a PNG of 16-bit RGB, RGBA or grey + alpha."""
+    # IHDR is the first chunk: bit depth at byte 24, colour type at 25 (2 RGB, 4 grey + alpha, 6 RGBA).
+    return len(head) >= 26 and head[:8] == _PNG_MAGIC and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 4, 6)
+
+
+def _read_deep_colour_png(data: bytes, *, is_mask: bool) -> np.ndarray:
+    width, height, rows, info = png.Reader(bytes=data).read()
+    array = np.vstack([np.asarray(row, np.uint16) for row in rows]).reshape(height, width, info["planes"])
+    # Grey + alpha images become grey, as PIL's "LA" images do.
+    return array[..., 0] if info["planes"] == 2 and not is_mask else array
 
 
 def _pil_to_array(image: PIL.Image.Image, *, is_mask: bool) -> np.ndarray:

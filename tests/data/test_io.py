@@ -1,9 +1,10 @@
 import io
 
 import numpy as np
+import pytest
 import PIL.Image
 
-from sam2_peft.data.io import decode_cell, read_file
+from sam2_peft.data.io import DataError, decode_cell, read_file
 
 
 def test_exif_orientation_is_applied_as_a_viewer_shows_it(tmp_path):
@@ -28,3 +29,24 @@ def test_palette_images_become_colours_but_palette_masks_keep_labels():
     assert image.shape == (8, 8, 3) and (image == [255, 0, 0]).all()
     mask = decode_cell(cell, what="mask", is_mask=True)
     assert mask.shape == (8, 8) and (mask == 1).all()
+
+
+@pytest.mark.parametrize("planes", [3, 4, 2])
+def test_16_bit_colour_pngs_keep_every_bit(tmp_path, planes):
+    import png
+
+    rng = np.random.default_rng(planes)
+    pixels = rng.integers(0, 65536, (6, 5, planes), dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    writer = png.Writer(5, 6, bitdepth=16, greyscale=planes == 2, alpha=planes in (2, 4))
+    with path.open("wb") as handle:
+        writer.write(handle, pixels.reshape(6, -1).tolist())
+    with PIL.Image.open(path) as image:  # the reason for the detour: PIL keeps only the high byte
+        assert np.asarray(image).dtype == np.uint8
+    expected = pixels[..., 0] if planes == 2 else pixels  # grey + alpha images become grey, as PIL's LA do
+    np.testing.assert_array_equal(read_file(path), expected)
+    np.testing.assert_array_equal(decode_cell({"bytes": path.read_bytes(), "path": None}, what="cell"), expected)
+    np.testing.assert_array_equal(read_file(path, is_mask=True), pixels)
+    path.write_bytes(path.read_bytes()[:60])  # truncated: a clear error naming the file
+    with pytest.raises(DataError, match="deep.png: cannot be read as an image"):
+        read_file(path)
