@@ -29,15 +29,19 @@ class InPlaceLoraLinear(LoraLinear):
         if args or kwargs or not self._in_place_applies():
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(x)
+        if not result.is_contiguous():
+            return super().forward(x)
         flat = result.view(-1, result.shape[-1])
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
             lora_a = self.lora_A[name]
             hidden = lora_a(self._cast_input_dtype(x, lora_a.weight.dtype))
+            # The scaling goes into B (out x r, small): it may be a tensor (hotswap-ready adapters), which `alpha=`
+            # would turn into a graph break under torch.compile.
+            update = (self.lora_B[name].weight * self.scaling[name]).t().to(result.dtype)
             # Linear's backward does not need its output, so updating it in place is safe for autograd.
-            flat.addmm_(hidden.reshape(-1, hidden.shape[-1]).to(result.dtype),
-                        self.lora_B[name].weight.t().to(result.dtype), alpha=self.scaling[name])
+            flat.addmm_(hidden.reshape(-1, hidden.shape[-1]).to(result.dtype), update)
         return result
 
     def _in_place_applies(self) -> bool:

@@ -181,7 +181,9 @@ def _targeted(model: nn.Module, config: PeftConfig) -> list[str]:
 def _wrap(model: nn.Module, config: PeftConfig, names: list[str]) -> PeftModel:
     if config.peft_type == PeftType.OFT:
         _refuse_oft(names)
-    if isinstance(config, LoraConfig) and not config._custom_modules:
+    # Only plain nn.Linear bases: PEFT's dispatch matches subclasses too, and quantised linears need their own layers.
+    plain = all(type(model.get_submodule(name)) is nn.Linear for name in names)
+    if isinstance(config, LoraConfig) and not config._custom_modules and plain:
         config._register_custom_module({nn.Linear: InPlaceLoraLinear})
     return get_peft_model(model, config)
 

@@ -84,3 +84,33 @@ def test_adapter_from_the_in_place_layer_is_a_plain_peft_lora(tmp_path):
     pixel_values = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(encode(loaded.eval(), pixel_values), encode(ours.eval(), pixel_values))
+
+
+def test_tensor_scaling_compiles_without_graph_breaks():
+    """Hotswap-ready adapters hold `scaling` as tensors; the in-place update must stay one graph under compile."""
+    config = LoraConfig(r=4, init_lora_weights=False, target_modules=["0"])
+    config._register_custom_module({torch.nn.Linear: InPlaceLoraLinear})
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), config)
+    layer = model.base_model.model[0]
+    assert type(layer) is InPlaceLoraLinear
+    inputs = torch.randn(3, 8)
+    expected = model(inputs)
+    layer.scaling["default"] = torch.tensor(layer.scaling["default"])
+    torch.testing.assert_close(model(inputs), expected)
+    assert torch._dynamo.explain(model)(inputs).graph_break_count == 0
+
+
+def test_linear_subclasses_keep_peft_dispatch():
+    """PEFT matches custom layers by isinstance; a subclass of nn.Linear (e.g. a quantised one) is left to PEFT."""
+
+    class SubLinear(torch.nn.Linear):
+        pass
+
+    model = load_sam2("tiny-random")
+    attn = base_sam2(model).vision_encoder.backbone.blocks[0].attn
+    plain = attn.qkv
+    attn.qkv = SubLinear(plain.in_features, plain.out_features)
+    peft_model = apply_strategy(model, "lora")
+    assert not any(type(m) is InPlaceLoraLinear for m in peft_model.modules())
+    assert type(base_sam2(peft_model).vision_encoder.backbone.blocks[0].attn.qkv) is LoraLinear
