@@ -63,6 +63,7 @@ def load_coco(
         "COCO annotations of images not in 'images'": sum(
             len(anns) for image_id, anns in per_image.items() if image_id not in listed
         ),
+        "COCO annotations with an empty segmentation": 0,
         "COCO annotations hidden by later overlapping ones": 0,
     }
     images, masks, ids = [], [], []
@@ -72,21 +73,15 @@ def load_coco(
         values = [_label_value(ann, number, mask_type, path) for number, ann in enumerate(anns, start=1)]
         largest = max(values, default=0)
         labels = np.zeros((height, width), np.uint8 if largest < 256 else np.uint16 if largest < 65536 else np.uint32)
-        owner = np.zeros((height, width), np.int32)  # which annotation holds each pixel, to find hidden ones
-        for number, (ann, value) in enumerate(zip(anns, values), start=1):
-            segmentation = ann.get("segmentation")
-            if not segmentation:
-                raise DataError(f"{path}: annotation id={ann.get('id')} of image {info['file_name']} has no segmentation.")
-            if isinstance(segmentation, list):  # polygons: one object may have several parts
-                rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-            elif isinstance(segmentation["counts"], list):  # uncompressed RLE
-                rle = mask_utils.frPyObjects(segmentation, height, width)
-            else:
-                rle = segmentation
-            area = mask_utils.decode(rle).astype(bool)
-            labels[area] = value
-            owner[area] = number
-        skipped["COCO annotations hidden by later overlapping ones"] += len(anns) - len(np.unique(owner[owner > 0]))
+        pixels = []  # flat indices of each annotation's pixels, to check what survives the overlaps
+        for ann, value in zip(anns, values):
+            pixels.append(np.flatnonzero(mask_utils.decode(_rle(ann, height, width, path, info["file_name"]))))
+            labels.flat[pixels[-1]] = value
+        for where, value in zip(pixels, values):
+            if not where.size:
+                skipped["COCO annotations with an empty segmentation"] += 1
+            elif not (labels.flat[where] == value).any():  # every pixel went to a later annotation of another label
+                skipped["COCO annotations hidden by later overlapping ones"] += 1
         image_path = image_dir / info["file_name"]
         if not image_path.is_file():
             raise DataError(
@@ -99,6 +94,20 @@ def load_coco(
     if not images:
         raise DataError(f"{path} lists no images.")
     return _dataset(images, masks, ids, {reason: count for reason, count in skipped.items() if count})
+
+
+def _rle(ann: dict, height: int, width: int, path: Path, file_name: str):
+    """The annotation's segmentation as one (compressed) RLE."""
+    from pycocotools import mask as mask_utils
+
+    segmentation = ann.get("segmentation")
+    if not segmentation:
+        raise DataError(f"{path}: annotation id={ann.get('id')} of image {file_name} has no segmentation.")
+    if isinstance(segmentation, list):  # polygons: one object may have several parts
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation["counts"], list):  # uncompressed RLE
+        return mask_utils.frPyObjects(segmentation, height, width)
+    return segmentation
 
 
 def _label_value(ann: dict, number: int, mask_type: str, path: Path) -> int:

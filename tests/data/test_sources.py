@@ -170,6 +170,7 @@ def test_coco_semantic_maps_hold_category_ids_and_hidden_annotations_are_counted
             {"id": 3, "image_id": 1, "category_id": 7, "segmentation": box(6, 0, 9, 3)},
             {"id": 4, "image_id": 1, "category_id": 7, "segmentation": box(1, 1, 2, 2)},  # inside annotation 1
             {"id": 5, "image_id": 1, "category_id": 3, "segmentation": box(0, 0, 4, 4)},  # covers 1 and 4 again
+            {"id": 6, "image_id": 1, "category_id": 7, "segmentation": [[3, 3, 3, 3, 3, 3]]},  # no area
         ],
     }
     path = tmp_path / "instances.json"
@@ -179,9 +180,12 @@ def test_coco_semantic_maps_hold_category_ids_and_hidden_annotations_are_counted
     assert (semantic[0:4, 0:4] == 3).all() and (semantic[6:9, 6:9] == 3).all() and (semantic[0:3, 7:9] == 7).all()
     _, instance = decode_row(load_source(path, val_fraction=0)["train"][0], where="coco")
     assert sorted(np.unique(instance)) == [0, 2, 3, 5]  # annotations 1 and 4 lost every pixel to annotation 5
+    empty = {"COCO annotations with an empty segmentation": 1}
     report = inspect_dataset(path, val_fraction=0)
-    assert report.splits["train"].skipped == {"COCO annotations hidden by later overlapping ones": 2}
+    assert report.splits["train"].skipped == {**empty, "COCO annotations hidden by later overlapping ones": 2}
+    # Semantically, annotation 1 lives on in annotation 5 (same class): only annotation 4's class 7 is lost there.
     semantic_report = inspect_dataset(path, val_fraction=0, mask_type="semantic")
+    assert semantic_report.splits["train"].skipped == {**empty, "COCO annotations hidden by later overlapping ones": 1}
     assert semantic_report.splits["train"].class_counts == {3: 1, 7: 1}
 
     coco["annotations"][0]["category_id"] = 0
