@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL.ExifTags
 import PIL.Image
 import PIL.ImageOps
 import png
@@ -109,14 +110,36 @@ def _decode_bytes(data: bytes, *, what: str, is_mask: bool) -> np.ndarray:
 def _is_deep_colour_png(head: bytes) -> bool:
     """Whether a file starting with `head` (26 bytes) is a PNG of 16-bit RGB, RGBA or grey + alpha."""
     # IHDR is the first chunk: bit depth at byte 24, colour type at 25 (2 RGB, 4 grey + alpha, 6 RGBA).
-    return len(head) >= 26 and head[:8] == _PNG_MAGIC and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 4, 6)
+    png_header = len(head) >= 26 and head[:8] == _PNG_MAGIC and head[12:16] == b"IHDR"
+    return png_header and head[24] == 16 and head[25] in (2, 4, 6)
 
 
 def _read_deep_colour_png(data: bytes, *, is_mask: bool) -> np.ndarray:
+    """Decode in pure Python (about 1.5 s for a 1024x1024 RGB image; a 16-bit TIFF reads far faster)."""
     width, height, rows, info = png.Reader(bytes=data).read()
     array = np.vstack([np.asarray(row, np.uint16) for row in rows]).reshape(height, width, info["planes"])
+    array = _exif_oriented(data, array)
     # Grey + alpha images become grey, as PIL's "LA" images do.
     return array[..., 0] if info["planes"] == 2 and not is_mask else array
+
+
+# PIL.ImageOps.exif_transpose's table: EXIF orientation -> the transpose that shows the image upright.
+_ORIENTATION_FIX = {
+    2: PIL.Image.Transpose.FLIP_LEFT_RIGHT, 3: PIL.Image.Transpose.ROTATE_180, 4: PIL.Image.Transpose.FLIP_TOP_BOTTOM,
+    5: PIL.Image.Transpose.TRANSPOSE, 6: PIL.Image.Transpose.ROTATE_270, 7: PIL.Image.Transpose.TRANSVERSE,
+    8: PIL.Image.Transpose.ROTATE_90,
+}
+
+
+def _exif_oriented(data: bytes, array: np.ndarray) -> np.ndarray:
+    """`array` (H, W, C) turned as `exif_transpose` turns the image, by moving pixel indices through PIL."""
+    with PIL.Image.open(io.BytesIO(data)) as image:
+        method = _ORIENTATION_FIX.get(image.getexif().get(PIL.ExifTags.Base.Orientation, 1))
+    if method is None:
+        return array
+    height, width = array.shape[:2]
+    indices = PIL.Image.fromarray(np.arange(height * width, dtype=np.int32).reshape(height, width))
+    return array.reshape(height * width, -1)[np.asarray(indices.transpose(method))]
 
 
 def _pil_to_array(image: PIL.Image.Image, *, is_mask: bool) -> np.ndarray:

@@ -3,6 +3,7 @@ import io
 import numpy as np
 import pytest
 import PIL.Image
+import PIL.ImageOps
 
 from sam2_peft.data.io import DataError, decode_cell, read_file
 
@@ -50,3 +51,22 @@ def test_16_bit_colour_pngs_keep_every_bit(tmp_path, planes):
     path.write_bytes(path.read_bytes()[:60])  # truncated: a clear error naming the file
     with pytest.raises(DataError, match="deep.png: cannot be read as an image"):
         read_file(path)
+
+
+def test_16_bit_colour_png_follows_its_exif_orientation_like_pil():
+    import png
+
+    pixels = (np.arange(2 * 3 * 3, dtype=np.uint16).reshape(2, 3, 3) * 1000 + 7).astype(np.uint16)
+    buffer = io.BytesIO()
+    png.Writer(3, 2, bitdepth=16, greyscale=False).write(buffer, pixels.reshape(2, -1).tolist())
+    chunks = list(png.Reader(bytes=buffer.getvalue()).chunks())
+    for orientation in range(2, 9):
+        exif = PIL.Image.Exif()
+        exif[0x0112] = orientation
+        out = io.BytesIO()
+        png.write_chunks(out, [chunks[0], (b"eXIf", exif.tobytes()[6:]), *chunks[1:]])  # after IHDR, no "Exif" prefix
+        with PIL.Image.open(io.BytesIO(out.getvalue())) as image:  # PIL's own turn of the (8-bit) image
+            expected = np.asarray(PIL.ImageOps.exif_transpose(image))
+        got = decode_cell({"bytes": out.getvalue(), "path": None}, what="cell")
+        assert got.shape == expected.shape, orientation
+        np.testing.assert_array_equal(got >> 8, expected, err_msg=str(orientation))
