@@ -229,8 +229,9 @@ def push_adapter(
     """Upload an adapter folder to a Hub model repository, creating the repository (and branch) when needed.
 
     Only the adapter's own files (`ADAPTER_FILES`) are sent; `checkpoints/` (optimiser state, pickles) is sent
-    only with `include_checkpoints=True`. The model card is rebuilt for `repo_id` (title and usage snippet name the
-    repository, not the local folder), keeping its metrics and datasets. Everything lands in one commit.
+    only with `include_checkpoints=True`. A model card as `save_adapter` wrote it is rebuilt for `repo_id` (title and
+    usage snippet name the repository, not the local folder), keeping its metrics and datasets; a card edited by
+    hand is sent as it is. Everything lands in one commit.
 
     Args:
         folder: an adapter folder written by `save_adapter`.
@@ -271,21 +272,26 @@ def push_adapter(
 
 
 def _card_for_repo(folder: Path, repo_id: str) -> ModelCard | None:
-    """The folder's model card rebuilt for `repo_id`, or None when the folder has no sam2-peft record to build from."""
+    """The folder's generated model card rebuilt for `repo_id`; None keeps the folder's card as it is (edited by
+    hand, or not made by `save_adapter`)."""
     record = read_json(folder, SAM2_PEFT_JSON)
     if record is None:
         return None
     saved = ModelCard.load(folder / MODEL_CARD).data if (folder / MODEL_CARD).is_file() else ModelCardData()
     peft_config = read_json(folder, PEFT_CONFIG)
-    return build_model_card(
+    fields = dict(
         base_model_name_or_path=record["base_model_name_or_path"],
         fingerprint=record["base_fingerprint"],
         strategy=record["strategy"],
         peft_type=str(peft_config["peft_type"]).lower() if peft_config else None,
         metrics={result.metric_type: result.metric_value for result in saved.eval_results or []},
         datasets=saved.datasets,
-        repo_id=repo_id,
     )
+    if (folder / MODEL_CARD).is_file():
+        generated = build_model_card(**fields, repo_id=folder.name)
+        if (folder / MODEL_CARD).read_text() != str(generated):
+            return None
+    return build_model_card(**fields, repo_id=repo_id)
 
 
 __all__ = ["build_model_card", "push_adapter", "save_adapter"]

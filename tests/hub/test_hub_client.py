@@ -58,9 +58,12 @@ def test_push_sends_exactly_the_adapter_files(adapter, monkeypatch):
         assert metadata["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.5
         assert info.commit_url == f"{server.url}/me/sam2-lora/commit/{info.oid}"
 
-        push_adapter(adapter, "me/sam2-lora", include_checkpoints=True, token="hf_test")  # existing repo: fine
+        # Existing repo: fine. A card edited by hand goes up as it is.
+        (adapter / "README.md").write_text(local + "\nTrained on our 2026 scans.\n")
+        push_adapter(adapter, "me/sam2-lora", include_checkpoints=True, token="hf_test")
         assert sorted(repo.commits[1]["files"]) == sorted(ADAPTER_FILES + ["checkpoints/step_10/optimizer.bin"])
         assert repo.commits[1]["revision"] == "main"
+        assert repo.commits[1]["files"]["README.md"] == (adapter / "README.md").read_bytes()
 
 
 def _free_port() -> int:
