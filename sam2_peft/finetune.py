@@ -7,7 +7,7 @@ evaluation, save. Every recipe and `sam2-peft train` run this.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import json
 import logging
 import math
@@ -92,7 +92,8 @@ def _run(cfg: TrainConfig) -> dict:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(cfg.seed)
-    cfg = dataclasses.replace(cfg, mixed_precision=accelerator.mixed_precision)  # the config file records what ran
+    cfg = copy.copy(cfg)  # the saved config records the precision accelerate settled on, whatever chose it
+    cfg.mixed_precision = accelerator.mixed_precision
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(output_dir / "config.yaml")

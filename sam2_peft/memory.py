@@ -8,8 +8,8 @@
 `GradientCheckpointingLayer`s: with `gradient_checkpointing = True` and a `_gradient_checkpointing_func` set, a
 block in training mode with autograd on runs its `forward` through that function. Module hooks (and so PEFT's
 adapter layers, which are submodules) stay inside the recomputed region, so it works on PEFT-wrapped models too.
-bf16 autocast needs nothing here: accelerate's `mixed_precision="bf16"` wraps the forward, and non-reentrant
-checkpointing replays the block under the same autocast state.
+bf16 autocast needs nothing here: the training loop runs the forward under `accelerator.autocast()`, and
+non-reentrant checkpointing replays the block under the same autocast state.
 """
 
 from __future__ import annotations

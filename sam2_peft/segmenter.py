@@ -157,6 +157,7 @@ class Sam2Segmenter(nn.Module):
         # gather their image's maps with `index_select`, whose backward (`index_add_`) is several times faster on
         # CPU than that of advanced indexing.
         feat_s0, feat_s1 = pointwise_conv(decoder.conv_s0, feat_s0), pointwise_conv(decoder.conv_s1, feat_s1)
+        image_index = image_index.to(feat_s0.device)
         feat_s0, feat_s1 = feat_s0.index_select(0, image_index), feat_s1.index_select(0, image_index)
         # (1, 1, C) -> (1, C, 1, 1): the "no memory" token SAM2 adds to single-image features.
         embeddings = (embeddings + sam.no_memory_embedding.view(1, -1, 1, 1)).index_select(0, image_index)

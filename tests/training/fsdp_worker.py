@@ -4,7 +4,7 @@ accelerate only turns a launch into FSDP on accelerators: on CPU it keeps Distri
 FSDP plugin it built from the config file. PyTorch's FSDP itself runs on CPU with gloo, so this worker promotes the
 state to FSDP with that plugin, exactly as accelerate does on GPUs; everything after (wrapping by the config's
 auto-wrap policy, sharded training, gathering the state dict) is accelerate's and our own unchanged code. Prints the
-classes of the FSDP units it built.
+classes of the FSDP units it built and the parameter dtype of the mixed-precision policy.
 """
 
 import runpy
@@ -47,3 +47,5 @@ recipe = Path(__file__).parents[2] / "recipes" / "full_finetune.py"
 sys.argv = [str(recipe), *sys.argv[1:]]
 runpy.run_path(str(recipe), run_name="__main__")
 print("FSDP units:", ",".join(units))
+policy = plugins[0].mixed_precision_policy
+print("FSDP parameter dtype:", policy.param_dtype if policy else None)

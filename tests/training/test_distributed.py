@@ -92,11 +92,13 @@ def test_fsdp_config_trains_the_full_recipe_like_one_process(tmp_path):
         done = subprocess.run([*command, *common, "--output_dir", str(tmp_path / name)], capture_output=True, text=True,
                               timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"} if single_process else env)
         assert done.returncode == 0, f"{name}: {done.stderr[-3000:]}"
-        if not single_process:  # the config's wrap policy: one unit per Hiera block and per two-way block, plus the root
+        if not single_process:  # the wrap policy: one unit per Hiera block and per two-way block, plus the root
             units = next(line for line in done.stdout.splitlines() if line.startswith("FSDP units:")).split()[-1]
             counts = {unit: units.split(",").count(unit) for unit in set(units.split(","))}
             assert counts == {"FSDPSam2MultiScaleBlock": 8, "FSDPSam2TwoWayAttentionBlock": 2,
                               "FSDPInteractiveSegmenter": 1}, counts
+            dtype = "torch.bfloat16" if name == "fsdp-bf16" else "None"
+            assert f"FSDP parameter dtype: {dtype}" in done.stdout, done.stdout[-500:]
 
     bf16 = json.loads((tmp_path / "fsdp-bf16" / "metrics.json").read_text())
     assert bf16["steps"] == 4 and bf16["nonfinite_steps"] == 0
@@ -116,4 +118,4 @@ def test_fsdp_config_trains_the_full_recipe_like_one_process(tmp_path):
     assert "Resumed from" in done.stdout + done.stderr and "at step 2" in done.stdout + done.stderr
     resumed = final_tensors(tmp_path / "resumed")
     for name in sharded:
-        torch.testing.assert_close(resumed[name], sharded[name], rtol=0, atol=0, msg=f"{name}: resumed != uninterrupted")
+        torch.testing.assert_close(resumed[name], sharded[name], rtol=0, atol=0, msg=f"{name}: resumed differs")

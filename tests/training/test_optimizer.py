@@ -32,4 +32,22 @@ def test_eager_optimizer_state_changes_no_update(amsgrad):
         assert torch.equal(lazy[name], eager[name]), name
     steps = sorted(int(state["step"]) for state in optimizer.state.values())
     assert steps == [2, 2, 4, 4]  # the late layer counts only its own updates, as lazily initialised state does
-    assert all(state["step"].device == next(iter(lazy.values())).device for state in optimizer.state.values())
+
+
+def test_fused_adamw_updates_like_the_reference_loop():
+    """build_optimizer's fused kernel (CPU too) against PyTorch's single-tensor AdamW with the same groups."""
+    fused, _ = train(eager=True)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    reference = torch.optim.AdamW(groups, lr=1e-2, foreach=False, fused=False)
+    assert build_optimizer(model, 1e-2, 0.1).defaults["fused"]
+    inputs = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    for step in range(4):
+        hidden = model[0](inputs)
+        (model[1](hidden) if step >= 2 else hidden).square().mean().backward()
+        reference.step()
+        reference.zero_grad()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(fused[name], param.detach(), rtol=1e-6, atol=1e-7, msg=name)
