@@ -47,10 +47,12 @@ def read_file(path: str | Path, *, is_mask: bool = False) -> np.ndarray:
         if path.suffix.lower() in (".tif", ".tiff"):
             return np.asarray(tifffile.imread(path))
         with path.open("rb") as handle:
-            if _is_deep_colour_png(handle.read(26)):
-                return _read_deep_colour_png(path.read_bytes(), is_mask=is_mask)
-        with PIL.Image.open(path) as image:
-            return _pil_to_array(image, is_mask=is_mask)
+            head = handle.read(26)
+            if _is_deep_colour_png(head):
+                return _read_deep_colour_png(head + handle.read(), is_mask=is_mask)
+            handle.seek(0)
+            with PIL.Image.open(handle) as image:
+                return _pil_to_array(image, is_mask=is_mask)
     except (OSError, ValueError, SyntaxError, tifffile.TiffFileError, png.Error) as err:
         raise DataError(f"{path}: cannot be read as an image ({err}); re-export it or remove it.") from err
 
