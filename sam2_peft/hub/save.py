@@ -277,7 +277,8 @@ def _card_for_repo(folder: Path, repo_id: str) -> ModelCard | None:
     record = read_json(folder, SAM2_PEFT_JSON)
     if record is None:
         return None
-    saved = ModelCard.load(folder / MODEL_CARD).data if (folder / MODEL_CARD).is_file() else ModelCardData()
+    text = (folder / MODEL_CARD).read_text() if (folder / MODEL_CARD).is_file() else None
+    saved = ModelCard(text).data if text is not None else ModelCardData()
     peft_config = read_json(folder, PEFT_CONFIG)
     fields = dict(
         base_model_name_or_path=record["base_model_name_or_path"],
@@ -287,10 +288,8 @@ def _card_for_repo(folder: Path, repo_id: str) -> ModelCard | None:
         metrics={result.metric_type: result.metric_value for result in saved.eval_results or []},
         datasets=saved.datasets,
     )
-    if (folder / MODEL_CARD).is_file():
-        generated = build_model_card(**fields, repo_id=folder.name)
-        if (folder / MODEL_CARD).read_text() != str(generated):
-            return None
+    if text is not None and text != str(build_model_card(**fields, repo_id=folder.name)):
+        return None
     return build_model_card(**fields, repo_id=repo_id)
 
 
