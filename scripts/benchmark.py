@@ -162,15 +162,20 @@ def run_strategy(args, strategy: str, batches: list[dict]) -> dict:
     }
 
 
+def train_two_steps(args, strategy: str, mode: str) -> None:
+    """What a memory probe measures: build `strategy` (naive or ours) and train two steps on fresh images."""
+    step, _ = setup(args, strategy, mode)
+    for batch in make_batches(args, 2, offset=1000):
+        step(batch)
+
+
 def probe_memory(args, strategy: str, mode: str) -> float:
     """Peak memory (MB) of two training steps: in process on GPU, in a subprocess on CPU."""
     if args.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        step, _ = setup(args, strategy, mode)
-        for batch in make_batches(args, 2, offset=1000):
-            step(batch)
+        train_two_steps(args, strategy, mode)
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     command = [sys.executable, __file__, "--probe", f"{strategy}:{mode}", "--config", args.config, "--image_size",
                str(args.image_size), "--batch_size", str(args.batch_size), "--objects", str(args.objects)]
@@ -190,9 +195,7 @@ def status_mb(field: str) -> float:
 def run_probe(args) -> None:
     strategy, mode = args.probe.split(":")
     before = status_mb("VmRSS")
-    step, _ = setup(args, strategy, mode)
-    for batch in make_batches(args, 2, offset=1000):
-        step(batch)
+    train_two_steps(args, strategy, mode)
     # VmHWM, not getrusage's ru_maxrss: Linux carries the parent's peak RSS into ru_maxrss across fork and exec.
     print(json.dumps({"peak_mb": status_mb("VmHWM") - before}))
 
