@@ -38,8 +38,8 @@ from sam2_peft.training import (
     TrainState,
     build_optimizer,
     build_scheduler,
-    initialise_optimizer_state,
     compute_loss,
+    initialise_optimizer_state,
     latest_checkpoint,
     loss_weights,
     peak_memory_mb,
@@ -339,11 +339,11 @@ def _final_model(accelerator: Accelerator, module, cfg: TrainConfig, best_path: 
     if not accelerator.is_main_process:
         return None
     base = load_sam2(cfg.model, revision=cfg.revision, sam2_config=cfg.sam2_config)
-    copy = InteractiveSegmenter(apply_strategy(base, cfg.strategy, **cfg.strategy_options()))
-    copy.load_state_dict(state_dict)
+    rebuilt = InteractiveSegmenter(apply_strategy(base, cfg.strategy, **cfg.strategy_options()))
+    rebuilt.load_state_dict(state_dict)
     if best_step is not None:
-        _restore_trainable(copy, best_path, best_step)
-    return copy.segmenter.model
+        _restore_trainable(rebuilt, best_path, best_step)
+    return rebuilt.segmenter.model
 
 
 def _resume(accelerator: Accelerator, state: TrainState, where: str, checkpoints_dir: Path) -> None:

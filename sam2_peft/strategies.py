@@ -182,8 +182,8 @@ def _wrap(model: nn.Module, config: PeftConfig, names: list[str]) -> PeftModel:
     if config.peft_type == PeftType.OFT:
         _refuse_oft(names)
     # Only plain nn.Linear bases: PEFT's dispatch matches subclasses too, and quantised linears need their own layers.
-    plain = all(type(model.get_submodule(name)) is nn.Linear for name in names)
-    if isinstance(config, LoraConfig) and not config._custom_modules and plain:
+    lora = isinstance(config, LoraConfig) and not config._custom_modules
+    if lora and all(type(model.get_submodule(name)) is nn.Linear for name in names):
         config._register_custom_module({nn.Linear: InPlaceLoraLinear})
     return get_peft_model(model, config)
 

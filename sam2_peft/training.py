@@ -136,10 +136,10 @@ def initialise_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     state = optimizer.state_dict()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     amsgrad = any(group.get("amsgrad", False) for group in optimizer.param_groups)
+    moments = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
     for index, param in enumerate(params):
         if state["state"].get(index):
             continue
-        moments = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
         # load_state_dict puts `step` where the optimizer keeps it (the parameter's device when fused).
         state["state"][index] = {"step": torch.tensor(0.0), **{name: torch.zeros_like(param) for name in moments}}
     optimizer.load_state_dict(state)
