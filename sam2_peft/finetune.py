@@ -204,7 +204,7 @@ def _run(cfg: TrainConfig) -> dict:
     best_path = output_dir / "best" / "trainable.safetensors"
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
     window = {"loss": 0.0, "count": 0, "images": 0, "start": time.perf_counter()}
-    stop = state.step >= total_steps
+    stop = state.step >= total_steps or state.should_stop(cfg.early_stopping_patience)
     module.train()
     while not stop:
         train_loader.set_epoch(state.epoch)
@@ -284,10 +284,11 @@ def _run(cfg: TrainConfig) -> dict:
                 stop = state.should_stop(cfg.early_stopping_patience) or state.step >= total_steps
                 if stop and state.step < total_steps:
                     accelerator.print(f"Early stopping: no {cfg.eval_metric} gain in {cfg.early_stopping_patience} evals.")
+            # The last step is checkpointed too, so resuming a finished (or early-stopped) run has nothing to redo.
+            if state.step % checkpoint_steps == 0 or stop:
+                _checkpoint(accelerator, state)
             if stop:
                 break
-            if state.step % checkpoint_steps == 0:
-                _checkpoint(accelerator, state)
         else:
             state.epoch += 1
             state.batches_in_epoch = 0

@@ -139,3 +139,20 @@ def test_resuming_an_older_checkpoint_with_later_ones_is_refused(tmp_path):
     assert (oldest / COMPLETE_MARKER).read_text() == "2"
     with pytest.raises(FileExistsError, match="later checkpoints"):
         finetune(tiny_config(tmp_path, resume_from_checkpoint=str(oldest), **cfg))
+
+
+def test_resuming_a_finished_run_trains_nothing_and_rewrites_the_same_results(tmp_path, monkeypatch):
+    first = finetune(tiny_config(tmp_path, strategy="decoder", eval_steps=2, checkpoint_steps=3))
+    # Checkpoints at step 3 and at the last step (4), which is not a multiple of --checkpoint_steps.
+    assert int((latest_checkpoint(tmp_path / "checkpoints") / COMPLETE_MARKER).read_text()) == 4
+    weights = final_tensors(tmp_path)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(finetune_module, "compute_loss", no_training)
+    again = finetune(tiny_config(tmp_path, strategy="decoder", eval_steps=2, checkpoint_steps=3,
+                                 resume_from_checkpoint="latest"))
+    assert again == first
+    resumed = final_tensors(tmp_path)
+    assert weights.keys() == resumed.keys() and all(torch.equal(weights[k], resumed[k]) for k in weights)
