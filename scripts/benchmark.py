@@ -1,6 +1,7 @@
 """Benchmark the training strategies against the naive loop, LoRA merged vs unmerged inference, and adapter switching.
 
     python scripts/benchmark.py --output runs/benchmark                  # hiera-tiny, 1024 px, batch 1, 3 steps
+    python scripts/benchmark.py --config hiera-large --strategies lora,full --gradient_checkpointing  # other sizes
     python scripts/benchmark.py --config tiny-random --image_size 256 --steps 2 --output /tmp/bench   # smoke run
 
 Everything runs in one process on random weights (offline). An "epoch" is `--steps` batches of distinct images.
@@ -10,7 +11,9 @@ Everything runs in one process on random weights (offline). An "epoch" is `--ste
   cache). Ratios are naive time / ours.
 - memory: CUDA max allocated on GPU (in process); on CPU, where RSS never goes down, each strategy runs two steps
   in a subprocess and reports its peak RSS (VmHWM) minus the RSS before the model was built (weights + training
-  memory).
+  memory), twice: with glibc's default heap, which keeps many freed blocks (what a plain process uses; it varies
+  by 10-20% between runs), and with freed memory returned to the OS (`MALLOC_MMAP_THRESHOLD_=131072`: what
+  training holds, close to the live tensors and reproducible; that setting slows CPU steps by 25-45%).
 Writes `benchmark.json` and `benchmark.md` to `--output`.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -30,6 +34,7 @@ from transformers import Sam2Config, Sam2Model
 
 from sam2_peft.caching import plan_cache
 from sam2_peft.hub import DomainAdapters, load_adapter, save_adapter
+from sam2_peft.interop.official_config import official_to_hf_config
 from sam2_peft.losses import LossWeights
 from sam2_peft.memory import enable_gradient_checkpointing
 from sam2_peft.models import load_sam2, model_fingerprint, tiny_random_config
@@ -46,18 +51,22 @@ STRATEGIES = {
     "full": ("full", {}),
 }
 WEIGHTS = LossWeights()
+# --config -> the official configuration it builds (random weights)
+CONFIGS = {"hiera-tiny": "sam2.1_hiera_t", "hiera-small": "sam2.1_hiera_s", "hiera-base-plus": "sam2.1_hiera_b+",
+           "hiera-large": "sam2.1_hiera_l"}
 
 
 def build_config(name: str, image_size: int) -> Sam2Config:
-    """hiera-tiny (`Sam2Config()`'s default) at any multiple of 32 px, or the 256-px tiny random model."""
+    """An official size (`hiera-tiny`, `Sam2Config()`'s default, to `hiera-large`) at any multiple of 32 px, or the
+    256-px tiny random model."""
     if name == "tiny-random":
         if image_size != 256:
             raise ValueError(f"--config tiny-random is built for --image_size 256, got {image_size}.")
         return tiny_random_config()
-    if name != "hiera-tiny" or image_size % 32:
-        raise ValueError(f"--config {name} --image_size {image_size}: use hiera-tiny (size a multiple of 32) "
-                         "or tiny-random.")
-    config = Sam2Config()
+    if name not in CONFIGS or image_size % 32:
+        raise ValueError(f"--config {name} --image_size {image_size}: use one of {', '.join(CONFIGS)} (size a "
+                         "multiple of 32) or tiny-random.")
+    config = official_to_hf_config(CONFIGS[name])
     config.vision_config.backbone_config.image_size = [image_size, image_size]
     config.vision_config.backbone_feature_sizes = [[image_size // s] * 2 for s in (4, 8, 16)]
     config.prompt_encoder_config.image_size = image_size
@@ -169,7 +178,21 @@ def train_two_steps(args, strategy: str, mode: str) -> None:
         step(batch)
 
 
-def probe_memory(args, strategy: str, mode: str) -> float:
+# glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, so a CPU process's RSS also holds
+# memory training no longer uses; a fixed 128 KiB threshold returns every tensor-sized block to the OS on free.
+RETURNED_HEAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def probe_command(args, strategy: str, mode: str, heap: str) -> tuple[list[str], dict]:
+    """The command line and environment of one CPU memory probe; `heap` is "default" or "returned" (see above)."""
+    command = [sys.executable, __file__, "--probe", f"{strategy}:{mode}", "--config", args.config, "--image_size",
+               str(args.image_size), "--batch_size", str(args.batch_size), "--objects", str(args.objects)]
+    command += ["--gradient_checkpointing"] if args.gradient_checkpointing else []
+    env = {key: value for key, value in os.environ.items() if key not in RETURNED_HEAP}
+    return command, {**env, **RETURNED_HEAP} if heap == "returned" else env
+
+
+def probe_memory(args, strategy: str, mode: str, heap: str = "default") -> float:
     """Peak memory (MB) of two training steps: in process on GPU, in a subprocess on CPU."""
     if args.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -177,10 +200,8 @@ def probe_memory(args, strategy: str, mode: str) -> float:
         before = torch.cuda.memory_allocated()
         train_two_steps(args, strategy, mode)
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    command = [sys.executable, __file__, "--probe", f"{strategy}:{mode}", "--config", args.config, "--image_size",
-               str(args.image_size), "--batch_size", str(args.batch_size), "--objects", str(args.objects)]
-    command += ["--gradient_checkpointing"] if args.gradient_checkpointing else []
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    command, env = probe_command(args, strategy, mode, heap)
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
@@ -204,8 +225,14 @@ def median_time(fn, args, repeats: int) -> float:
     return statistics.median(timed(fn, args) for _ in range(repeats))
 
 
+def paired_median_times(first, second, args, repeats: int) -> tuple[float, float]:
+    """Median times of two functions run alternately, so that drift in machine load hits both alike."""
+    times = [(timed(first, args), timed(second, args)) for _ in range(repeats)]
+    return statistics.median(a for a, _ in times), statistics.median(b for _, b in times)
+
+
 def run_inference(args) -> dict:
-    """Forward latency of the base model, LoRA unmerged, LoRA merged (one batch, no grad)."""
+    """Forward latency of LoRA unmerged and merged, each timed alternately with the base model (one batch, no grad)."""
     batch = make_batches(args, 1, offset=2000)[0]
     model = fresh_model(args, "lora").eval()
     for name, param in model.named_parameters():
@@ -214,15 +241,14 @@ def run_inference(args) -> dict:
     torch.manual_seed(0)
     base = Sam2Model(build_config(args.config, args.image_size)).to(args.device).eval()
     forward = lambda m: m(pixel_values=batch["pixel_values"], input_boxes=batch["boxes"])  # noqa: E731
-    repeats = max(3, args.steps)
+    repeats = max(5, args.steps)
     with torch.no_grad():
         forward(base)  # warm-up (allocator, kernels)
-        base_s = median_time(lambda: forward(base), args, repeats)
-        unmerged_s = median_time(lambda: forward(model), args, repeats)
+        base_s, unmerged_s = paired_median_times(lambda: forward(base), lambda: forward(model), args, repeats)
         merged = model.merge_and_unload()
-        merged_s = median_time(lambda: forward(merged), args, repeats)
-    return {"base_s": base_s, "unmerged_s": unmerged_s, "merged_s": merged_s,
-            "unmerged_over_base": unmerged_s / base_s, "merged_over_base": merged_s / base_s}
+        base_again_s, merged_s = paired_median_times(lambda: forward(base), lambda: forward(merged), args, repeats)
+    return {"base_s": statistics.median([base_s, base_again_s]), "unmerged_s": unmerged_s, "merged_s": merged_s,
+            "unmerged_over_base": unmerged_s / base_s, "merged_over_base": merged_s / base_again_s}
 
 
 def run_adapter_switch(args) -> dict:
@@ -244,26 +270,35 @@ def run_adapter_switch(args) -> dict:
     return {"switch_s": switch_s, "reload_s": reload_s, "reload_over_switch": reload_s / switch_s}
 
 
+def memory_cells(report: dict, row: dict, key: str) -> list[str]:
+    """`row[key]` in MB and as a fraction of full fine-tuning's, or dashes."""
+    full = report["strategies"].get("full", {}).get(key)
+    value = row.get(key)
+    return [f"{value:.0f}" if value is not None else "-", f"{value / full:.2f}" if value and full else "-"]
+
+
 def to_markdown(report: dict) -> str:
     s = report["settings"]
+    rows = report["strategies"].values()
+    memory = [("peak_mb", f"peak MB ({s['memory']})")]
+    if any("peak_mb_returned" in row for row in rows):
+        memory.append(("peak_mb_returned", "peak MB, freed memory returned to the OS"))
+    header = ["strategy", "cache", "naive s/step", "ours s/step (1st epoch)", "ours s/step", "images/s", "speedup"]
+    header += [cell for _, title in memory for cell in (title, "/ full")]
     lines = [
         f"# sam2-peft benchmark: {s['config']}, {s['image_size']} px, batch {s['batch_size']}, {s['steps']} steps, "
         f"{s['device']}",
         "",
         f"Command: `{s['command']}`",
         "",
-        f"| strategy | cache | naive s/step | ours s/step (1st epoch) | ours s/step | images/s | speedup | "
-        f"peak MB ({s['memory']}) | memory / full |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
     ]
-    full_memory = report["strategies"].get("full", {}).get("peak_mb")
     for name, row in report["strategies"].items():
-        ratio = f"{row['peak_mb'] / full_memory:.2f}" if full_memory and row.get("peak_mb") else "-"
-        memory = f"{row['peak_mb']:.0f}" if row.get("peak_mb") is not None else "-"
-        lines.append(
-            f"| {name} | {row['cache'] or '-'} | {row['naive_step_s']:.3f} | {row['ours_first_epoch_step_s']:.3f} | "
-            f"{row['ours_step_s']:.3f} | {row['images_per_s']:.2f} | {row['speedup']:.1f}x | {memory} | {ratio} |"
-        )
+        cells = [name, row["cache"] or "-", f"{row['naive_step_s']:.3f}", f"{row['ours_first_epoch_step_s']:.3f}",
+                 f"{row['ours_step_s']:.3f}", f"{row['images_per_s']:.2f}", f"{row['speedup']:.1f}x"]
+        cells += [cell for key, _ in memory for cell in memory_cells(report, row, key)]
+        lines.append("| " + " | ".join(cells) + " |")
     inf, sw = report["inference"], report["adapter_switch"]
     lines += [
         "",
@@ -278,7 +313,8 @@ def to_markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="hiera-tiny", help="hiera-tiny (Sam2Config() default) or tiny-random")
+    parser.add_argument("--config", default="hiera-tiny",
+                        help=f"{', '.join(CONFIGS)} (random weights; hiera-tiny is Sam2Config()) or tiny-random")
     parser.add_argument("--image_size", type=int, default=1024)
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="batches per epoch (distinct images)")
@@ -310,6 +346,8 @@ def main() -> None:
     for strategy in strategies:
         row = run_strategy(args, strategy, batches)
         row["peak_mb"] = None if args.no_memory else probe_memory(args, strategy, "ours")
+        if not args.no_memory and not cuda:
+            row["peak_mb_returned"] = probe_memory(args, strategy, "ours", heap="returned")
         report["strategies"][strategy] = row
         print(f"{strategy}: {json.dumps(row)}", flush=True)
     report["inference"] = run_inference(args)

@@ -1,6 +1,7 @@
-"""The benchmark script runs end to end on the tiny model and writes its JSON and Markdown (numbers not asserted)."""
+"""The benchmark script runs end to end on the tiny model and writes its JSON and Markdown (timings not asserted)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 @pytest.mark.slow
 def test_benchmark_smoke_run(tmp_path):
     command = [sys.executable, str(SCRIPT), "--config", "tiny-random", "--image_size", "256", "--steps", "1",
-               "--strategies", "decoder,lora-last4", "--no_memory", "--output", str(tmp_path)]
+               "--strategies", "decoder,lora-last4", "--output", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "benchmark.json").read_text())
@@ -22,8 +23,10 @@ def test_benchmark_smoke_run(tmp_path):
     assert report["strategies"]["lora-last4"]["cache"] == "prefix"
     for row in report["strategies"].values():
         assert row["naive_step_s"] > 0 and row["ours_step_s"] > 0
+        assert row["peak_mb"] > 0 and row["peak_mb_returned"] > 0
     assert report["adapter_switch"] and report["inference"]
-    assert "| decoder | features |" in (tmp_path / "benchmark.md").read_text()
+    markdown = (tmp_path / "benchmark.md").read_text()
+    assert "| decoder | features |" in markdown and "| peak MB, freed memory returned to the OS | / full |" in markdown
     bad = subprocess.run([*command[:-2], "--strategies", "lora2", "--output", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode != 0 and "--strategies: unknown ['lora2']" in bad.stderr
 
@@ -44,3 +47,38 @@ def test_cpu_memory_probe_measures_the_child_not_its_parent():
                               device=torch.device("cpu"), gradient_checkpointing=False)
     peak = benchmark.probe_memory(args, "lora", "ours")
     assert 1 < peak < 512, f"{peak:.0f} MB for a 1.5M-parameter model: the parent's {ballast.numel() * 4 >> 20} MB leaked in"
+
+
+def test_benchmark_configs_are_the_official_sizes_at_the_requested_resolution():
+    from transformers import Sam2Config
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import benchmark
+
+    assert benchmark.build_config("hiera-tiny", 1024).to_diff_dict() == Sam2Config().to_diff_dict()
+    large = benchmark.build_config("hiera-large", 512)
+    assert large.vision_config.backbone_config.blocks_per_stage == [2, 6, 36, 4]
+    assert large.vision_config.backbone_config.image_size == [512, 512]
+    assert large.vision_config.backbone_feature_sizes == [[128, 128], [64, 64], [32, 32]]
+    assert large.prompt_encoder_config.image_size == 512
+    with pytest.raises(ValueError, match="hiera-base-plus"):
+        benchmark.build_config("hiera-huge", 1024)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        benchmark.build_config("hiera-small", 1000)
+
+
+def test_cpu_memory_probes_run_with_the_default_heap_and_with_freed_memory_returned(monkeypatch):
+    import argparse
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import benchmark
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4096")  # the user's own setting must not leak into "default"
+    args = argparse.Namespace(config="hiera-small", image_size=512, batch_size=2, objects=3,
+                              gradient_checkpointing=True)
+    command, env = benchmark.probe_command(args, "lora", "ours", "default")
+    assert command[2:] == ["--probe", "lora:ours", "--config", "hiera-small", "--image_size", "512", "--batch_size",
+                           "2", "--objects", "3", "--gradient_checkpointing"]
+    assert "MALLOC_MMAP_THRESHOLD_" not in env and env["PATH"] == os.environ["PATH"]
+    _, env = benchmark.probe_command(args, "lora", "ours", "returned")
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "131072"
