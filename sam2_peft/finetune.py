@@ -396,6 +396,11 @@ def _save_trainable(accelerator: Accelerator, module: torch.nn.Module, path: Pat
 
 def _restore_trainable(module: torch.nn.Module, path: Path, step: int) -> None:
     """Load the best weights saved at `step` into `module`, refusing a file from another step or with other keys."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: it holds the best weights (step {step}), which the final model restores. Resume in "
+            "the output_dir the run wrote, with best/ next to checkpoints/, or retrain."
+        )
     with safe_open(path, framework="pt") as handle:
         saved_step = int(handle.metadata()["step"])
     if saved_step != step:

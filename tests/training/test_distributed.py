@@ -111,7 +111,9 @@ def test_fsdp_config_trains_the_full_recipe_like_one_process(tmp_path):
     sharded = final_tensors(tmp_path / "fsdp")
 
     # Resume the sharded run from its step-2 checkpoint (sharded model and optimiser state): the same final weights.
-    shutil.copytree(tmp_path / "fsdp" / "checkpoints", tmp_path / "resumed" / "checkpoints")
+    # checkpoint_1 is the last step's, left out so that there is something to resume.
+    shutil.copytree(tmp_path / "fsdp" / "checkpoints", tmp_path / "resumed" / "checkpoints",
+                    ignore=shutil.ignore_patterns("checkpoint_1"))
     command = [*runs["fsdp"], *common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -156,3 +156,8 @@ def test_resuming_a_finished_run_trains_nothing_and_rewrites_the_same_results(tm
     assert again == first
     resumed = final_tensors(tmp_path)
     assert weights.keys() == resumed.keys() and all(torch.equal(weights[k], resumed[k]) for k in weights)
+
+    (tmp_path / "best" / "trainable.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="best weights .step [0-9]+., which the final model restores"):
+        finetune(tiny_config(tmp_path, strategy="decoder", eval_steps=2, checkpoint_steps=3,
+                             resume_from_checkpoint="latest"))
