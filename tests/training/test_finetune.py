@@ -161,3 +161,12 @@ def test_resuming_a_finished_run_trains_nothing_and_rewrites_the_same_results(tm
     with pytest.raises(FileNotFoundError, match="best weights .step [0-9]+., which the final model restores"):
         finetune(tiny_config(tmp_path, strategy="decoder", eval_steps=2, checkpoint_steps=3,
                              resume_from_checkpoint="latest"))
+
+
+def test_resuming_an_early_stopped_run_trains_nothing(tmp_path, monkeypatch):
+    # With a zero learning rate the metric never improves after the first evaluation: patience 1 stops at step 2.
+    cfg = dict(strategy="decoder", learning_rate=0.0, eval_steps=1, early_stopping_patience=1, checkpoint_steps=100)
+    first = finetune(tiny_config(tmp_path, **cfg))
+    assert first["steps"] == 2
+    monkeypatch.setattr(finetune_module, "compute_loss", lambda *a, **k: pytest.fail("an early-stopped run resumed"))
+    assert finetune(tiny_config(tmp_path, resume_from_checkpoint="latest", **cfg)) == first
