@@ -4,13 +4,19 @@ COCO polygons and RLE become one instance label map per image (1..n in annotatio
 top where they overlap; crowd regions are kept as objects). NIfTI image + label volumes become 2-D slices along
 one axis; slices without any label are skipped and their number is recorded on the dataset (`skipped_counts`).
 Converted cells are stored as lossless TIFF bytes, so int16 CT values and float intensities survive unchanged.
+
+Conversion streams rows into an Arrow file in the `datasets` cache (`Dataset.from_generator`), so memory stays flat
+however large the source; loading the same unchanged files with the same options again reads that file instead of
+converting again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import datasets
@@ -19,6 +25,9 @@ import numpy as np
 from sam2_peft.data.io import DataError, encode_array
 
 logger = logging.getLogger(__name__)
+
+# Part of every conversion's cache key: bump it when a conversion's output changes, so cached ones are rebuilt.
+CONVERSION_VERSION = 1
 
 
 def load_coco(
@@ -39,11 +48,18 @@ def load_coco(
     Example:
         >>> rows = load_coco("annotations/instances_val.json")
     """
-    from pycocotools import mask as mask_utils
-
     if mask_type not in ("instance", "semantic"):
         raise ValueError(f"mask_type={mask_type!r} is unknown; use 'instance' or 'semantic'.")
     path = Path(path)
+    if image_dir is None:
+        image_dir = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
+    return _convert(_coco_rows, [path], path=str(path), image_dir=str(image_dir), mask_type=mask_type)
+
+
+def _coco_rows(path: str, image_dir: str, mask_type: str) -> Iterator[dict]:
+    from pycocotools import mask as mask_utils
+
+    path, image_dir = Path(path), Path(image_dir)
     try:
         coco = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -51,9 +67,6 @@ def load_coco(
     for key in ("images", "annotations"):
         if key not in coco:
             raise DataError(f"{path} has no {key!r} list; is it a COCO instances file (instances_*.json)?")
-    if image_dir is None:
-        image_dir = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
-    image_dir = Path(image_dir)
 
     per_image: dict[int, list[dict]] = {}
     for ann in coco["annotations"]:
@@ -66,34 +79,33 @@ def load_coco(
         "COCO annotations with an empty segmentation": 0,
         "COCO annotations hidden by later overlapping ones": 0,
     }
-    images, masks, ids = [], [], []
-    for info in coco["images"]:
-        height, width = int(info["height"]), int(info["width"])
-        anns = per_image.get(info["id"], [])
-        values = [_label_value(ann, number, mask_type, path) for number, ann in enumerate(anns, start=1)]
-        largest = max(values, default=0)
-        labels = np.zeros((height, width), np.uint8 if largest < 256 else np.uint16 if largest < 65536 else np.uint32)
-        pixels = []  # flat indices of each annotation's pixels, to check what survives the overlaps
-        for ann, value in zip(anns, values):
-            pixels.append(np.flatnonzero(mask_utils.decode(_rle(ann, height, width, path, info["file_name"]))))
-            labels.flat[pixels[-1]] = value
-        for where, value in zip(pixels, values):
-            if not where.size:
-                skipped["COCO annotations with an empty segmentation"] += 1
-            elif not (labels.flat[where] == value).any():  # every pixel went to a later annotation of another label
-                skipped["COCO annotations hidden by later overlapping ones"] += 1
-        image_path = image_dir / info["file_name"]
-        if not image_path.is_file():
-            raise DataError(
-                f"{path}: image {info['file_name']!r} not found in {image_dir}; pass `coco_image_dir=` with the folder "
-                "that holds the images."
-            )
-        images.append({"path": str(image_path), "bytes": None})
-        masks.append(encode_array(labels))
-        ids.append(Path(info["file_name"]).stem)
-    if not images:
-        raise DataError(f"{path} lists no images.")
-    return _dataset(images, masks, ids, {reason: count for reason, count in skipped.items() if count})
+
+    def rows() -> Iterator[dict]:
+        for info in coco["images"]:
+            height, width = int(info["height"]), int(info["width"])
+            anns = per_image.get(info["id"], [])
+            values = [_label_value(ann, number, mask_type, path) for number, ann in enumerate(anns, start=1)]
+            largest = max(values, default=0)
+            dtype = np.uint8 if largest < 256 else np.uint16 if largest < 65536 else np.uint32
+            labels = np.zeros((height, width), dtype)
+            pixels = []  # flat indices of each annotation's pixels, to check what survives the overlaps
+            for ann, value in zip(anns, values):
+                pixels.append(np.flatnonzero(mask_utils.decode(_rle(ann, height, width, path, info["file_name"]))))
+                labels.flat[pixels[-1]] = value
+            for where, value in zip(pixels, values):
+                if not where.size:
+                    skipped["COCO annotations with an empty segmentation"] += 1
+                elif not (labels.flat[where] == value).any():  # every pixel went to a later annotation of another label
+                    skipped["COCO annotations hidden by later overlapping ones"] += 1
+            image_path = image_dir / info["file_name"]
+            if not image_path.is_file():
+                raise DataError(
+                    f"{path}: image {info['file_name']!r} not found in {image_dir}; pass `coco_image_dir=` with the "
+                    "folder that holds the images."
+                )
+            yield _row({"path": str(image_path), "bytes": None}, encode_array(labels), Path(info["file_name"]).stem)
+
+    yield from _with_skipped(rows(), skipped, none_left=lambda: f"{path} lists no images.")
 
 
 def _rle(ann: dict, height: int, width: int, path: Path, file_name: str):
@@ -129,33 +141,46 @@ def slice_nifti_pairs(pairs: list[tuple[str, Path, Path]], *, axis: int = 2) -> 
         pairs: `(stem, image_path, label_path)` for each volume.
         axis: 0, 1 or 2, in the volume's voxel order (2 = axial for RAS-oriented scans).
     """
-    import nibabel
-
     if axis not in (0, 1, 2):
         raise DataError(f"nifti_axis={axis} must be 0, 1 or 2.")
-    images, masks, ids = [], [], []
-    empty = 0
-    for stem, image_path, label_path in pairs:
-        volume = _read_volume(nibabel, image_path)
-        labels = _read_volume(nibabel, label_path)
-        if volume.shape != labels.shape:
-            raise DataError(
-                f"{image_path} has shape {volume.shape} but its labels {label_path} have {labels.shape}; they must be "
-                "voxel-aligned (resample the labels onto the image grid)."
-            )
-        for index in range(volume.shape[axis]):
-            label_slice = np.take(labels, index, axis=axis)
-            if not label_slice.any():
-                empty += 1
-                continue
-            images.append(encode_array(np.take(volume, index, axis=axis)))
-            masks.append(encode_array(label_slice))
-            ids.append(f"{stem}/{axis}:{index}")
+    pairs = [(stem, str(image_path), str(label_path)) for stem, image_path, label_path in pairs]
+    sources = [Path(path) for _, image_path, label_path in pairs for path in (image_path, label_path)]
+    dataset = _convert(_nifti_rows, sources, pairs=pairs, axis=axis)
+    empty = skipped_counts(dataset).get(EMPTY_SLICES, 0)
     if empty:
         logger.info("NIfTI: skipped %d slice(s) without labels along axis %d.", empty, axis)
-    if not images:
-        raise DataError(f"No NIfTI slice along axis {axis} has any label ({empty} empty slices); check the label files.")
-    return _dataset(images, masks, ids, {"empty slices (NIfTI)": empty})
+    return dataset
+
+
+EMPTY_SLICES = "empty slices (NIfTI)"
+
+
+def _nifti_rows(pairs: list[tuple[str, str, str]], axis: int) -> Iterator[dict]:
+    import nibabel
+
+    skipped = {EMPTY_SLICES: 0}
+
+    def rows() -> Iterator[dict]:
+        for stem, image_path, label_path in pairs:
+            volume = _read_volume(nibabel, Path(image_path))
+            labels = _read_volume(nibabel, Path(label_path))
+            if volume.shape != labels.shape:
+                raise DataError(
+                    f"{image_path} has shape {volume.shape} but its labels {label_path} have {labels.shape}; they "
+                    "must be voxel-aligned (resample the labels onto the image grid)."
+                )
+            for index in range(volume.shape[axis]):
+                label_slice = np.take(labels, index, axis=axis)
+                if not label_slice.any():
+                    skipped[EMPTY_SLICES] += 1
+                    continue
+                image = encode_array(np.take(volume, index, axis=axis))
+                yield _row(image, encode_array(label_slice), f"{stem}/{axis}:{index}")
+
+    yield from _with_skipped(
+        rows(), skipped, none_left=lambda: f"No NIfTI slice along axis {axis} has any label ({skipped[EMPTY_SLICES]} "
+        "empty slices); check the label files."
+    )
 
 
 def _read_volume(nibabel, path: Path) -> np.ndarray:
@@ -172,16 +197,44 @@ def _read_volume(nibabel, path: Path) -> np.ndarray:
     return volume
 
 
-def _dataset(images: list, masks: list, ids: list[str], skipped: dict[str, int]) -> datasets.Dataset:
+def _row(image: dict, mask: dict, image_id: str) -> dict:
+    return {"image": image, "mask": mask, "image_id": image_id, "domain": None, "skipped": None}
+
+
+def _with_skipped(rows: Iterator[dict], skipped: dict[str, int], none_left: Callable[[], str]) -> Iterator[dict]:
+    """Yield `rows`, the last one holding the final `skipped` counts as JSON (a generator's only way to hand them on,
+    and they stay with the cached conversion); raise `DataError(none_left())` when there is no row."""
+    last = None
+    for row in rows:
+        if last is not None:
+            yield last
+        last = row
+    if last is None:
+        raise DataError(none_left())
+    yield {**last, "skipped": json.dumps(skipped)}
+
+
+def _convert(generator, sources: list[Path], **options) -> datasets.Dataset:
+    """Run a row generator through `Dataset.from_generator`, cached under the sources' paths, sizes and mtimes, the
+    options and `CONVERSION_VERSION`; move its skipped counts into the dataset's info (`skipped_counts`)."""
     from sam2_peft.data.sources import row_features
 
+    stamps = [(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in sources if path.exists()]
+    key = json.dumps([generator.__name__, CONVERSION_VERSION, stamps, options], sort_keys=True, default=str)
     features = row_features()
-    info = datasets.DatasetInfo(description=json.dumps({"sam2_peft_skipped": skipped}), features=features)
-    return datasets.Dataset.from_dict(
-        {"image": images, "mask": masks, "image_id": ids, "domain": [None] * len(ids)},
-        features=features,
-        info=info,
-    )
+    features["skipped"] = datasets.Value("string")
+    try:
+        dataset = datasets.Dataset.from_generator(
+            generator, features=features, gen_kwargs=options, fingerprint=hashlib.sha256(key.encode()).hexdigest()
+        )
+    except datasets.exceptions.DatasetGenerationError as err:
+        if isinstance(err.__cause__, DataError):  # our own message names the file and the fix: show it as it is
+            raise err.__cause__ from None
+        raise
+    skipped = json.loads(dataset[len(dataset) - 1]["skipped"])
+    dataset = dataset.remove_columns("skipped")
+    dataset.info.description = json.dumps({"sam2_peft_skipped": {k: v for k, v in skipped.items() if v}})
+    return dataset
 
 
 def skipped_counts(dataset: datasets.Dataset) -> dict[str, int]:

@@ -265,3 +265,42 @@ def test_nifti_hold_out_keeps_each_volume_on_one_side(tmp_path):
     volumes = {split: {image_id.split("/")[0] for image_id in splits[split]["image_id"]} for split in ("train", "val")}
     assert volumes["train"].isdisjoint(volumes["val"])
     assert len(volumes["val"]) == 1 and len(splits["val"]) == 5 and len(splits["train"]) == 15
+
+
+def test_conversions_are_cached_until_the_source_file_changes(tmp_path, monkeypatch):
+    import PIL.Image
+
+    from sam2_peft.data import annotations
+
+    (tmp_path / "images").mkdir()
+    PIL.Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "images" / "c.png")
+    box = [[1, 1, 4, 1, 4, 4, 1, 4]]
+    coco = {
+        "images": [{"id": 1, "file_name": "c.png", "height": 10, "width": 10}],
+        "annotations": [{"id": 1, "image_id": 1, "segmentation": box}, {"id": 2, "image_id": 5, "segmentation": box}],
+    }
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(coco))
+    first = annotations.load_coco(path)
+    assert first.cache_files, "the conversion should live in an Arrow file, not in memory"
+    lost = {"COCO annotations of images not in 'images'": 1}
+
+    def must_not_run(**kwargs):
+        raise AssertionError("an unchanged source was converted again")
+
+    must_not_run.__name__ = annotations._coco_rows.__name__
+    real = annotations._coco_rows
+    monkeypatch.setattr(annotations, "_coco_rows", must_not_run)
+    again = annotations.load_coco(path)
+    assert again.cache_files == first.cache_files and again["image_id"] == ["c"]
+    assert annotations.skipped_counts(again) == annotations.skipped_counts(first) == lost
+
+    coco["annotations"].append({"id": 3, "image_id": 1, "segmentation": [[6, 6, 9, 6, 9, 9, 6, 9]]})
+    path.write_text(json.dumps(coco))
+    with pytest.raises(datasets.exceptions.DatasetGenerationError):  # a changed file is converted again...
+        annotations.load_coco(path)
+    monkeypatch.setattr(annotations, "_coco_rows", real)
+    changed = annotations.load_coco(path)  # ...into a new cache entry, with the new annotation
+    assert changed.cache_files != first.cache_files
+    _, labels = decode_row(changed[0], where="coco")
+    assert sorted(np.unique(labels)) == [0, 1, 2]
