@@ -188,7 +188,8 @@ def probe_command(args, strategy: str, mode: str, heap: str) -> tuple[list[str],
     command = [sys.executable, __file__, "--probe", f"{strategy}:{mode}", "--config", args.config, "--image_size",
                str(args.image_size), "--batch_size", str(args.batch_size), "--objects", str(args.objects)]
     command += ["--gradient_checkpointing"] if args.gradient_checkpointing else []
-    env = {key: value for key, value in os.environ.items() if key not in RETURNED_HEAP}
+    # "default" means glibc's defaults: drop the user's own malloc settings (MALLOC_*_, GLIBC_TUNABLES).
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_") and key != "GLIBC_TUNABLES"}
     return command, {**env, **RETURNED_HEAP} if heap == "returned" else env
 
 
@@ -247,8 +248,8 @@ def run_inference(args) -> dict:
         base_s, unmerged_s = paired_median_times(lambda: forward(base), lambda: forward(model), args, repeats)
         merged = model.merge_and_unload()
         base_again_s, merged_s = paired_median_times(lambda: forward(base), lambda: forward(merged), args, repeats)
-    return {"base_s": statistics.median([base_s, base_again_s]), "unmerged_s": unmerged_s, "merged_s": merged_s,
-            "unmerged_over_base": unmerged_s / base_s, "merged_over_base": merged_s / base_again_s}
+    return {"base_s": base_s, "unmerged_s": unmerged_s, "unmerged_over_base": unmerged_s / base_s,
+            "base_again_s": base_again_s, "merged_s": merged_s, "merged_over_base": merged_s / base_again_s}
 
 
 def run_adapter_switch(args) -> dict:
@@ -302,8 +303,9 @@ def to_markdown(report: dict) -> str:
     inf, sw = report["inference"], report["adapter_switch"]
     lines += [
         "",
-        f"Inference (one batch, no grad): base {inf['base_s']:.3f} s, LoRA unmerged {inf['unmerged_s']:.3f} s "
-        f"({inf['unmerged_over_base']:.3f}x), merged {inf['merged_s']:.3f} s ({inf['merged_over_base']:.3f}x).",
+        f"Inference (one batch, no grad, each timed alternately with the base): LoRA unmerged {inf['unmerged_s']:.3f} "
+        f"s vs base {inf['base_s']:.3f} s ({inf['unmerged_over_base']:.3f}x), merged {inf['merged_s']:.3f} s vs base "
+        f"{inf['base_again_s']:.3f} s ({inf['merged_over_base']:.3f}x).",
         "",
         f"Adapter switch: {sw['switch_s'] * 1e3:.3f} ms; reload base + adapter: {sw['reload_s'] * 1e3:.1f} ms "
         f"({sw['reload_over_switch']:.0f}x).",

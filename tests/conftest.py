@@ -1,11 +1,19 @@
 """Shared fixtures: the tiny random SAM2 and a small batch of prompted objects."""
 
-import pytest
-import torch
-from hypothesis import settings
+import os
+import tempfile
 
-from sam2_peft.models import load_sam2
-from sam2_peft.segmenter import combine_prompts
+# COCO/NIfTI conversions are cached in the datasets cache: keep the tests' (and their subprocesses') out of the
+# user's ~/.cache. Set before anything imports `datasets`, which reads it at import time.
+_DATASETS_CACHE = tempfile.TemporaryDirectory(prefix="sam2-peft-tests-datasets-")
+os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE.name
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+from sam2_peft.models import load_sam2  # noqa: E402
+from sam2_peft.segmenter import combine_prompts  # noqa: E402
 
 # The same examples on every run: CI must not turn red on a case it happened to draw today. Explore more locally with
 # a profile of your own (`settings.load_profile`).

@@ -73,12 +73,14 @@ def test_cpu_memory_probes_run_with_the_default_heap_and_with_freed_memory_retur
     sys.path.insert(0, str(SCRIPT.parent))
     import benchmark
 
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4096")  # the user's own setting must not leak into "default"
+    for name, value in [("MALLOC_MMAP_THRESHOLD_", "4096"), ("MALLOC_ARENA_MAX", "2"), ("GLIBC_TUNABLES", "x=1")]:
+        monkeypatch.setenv(name, value)  # the user's own malloc settings must not leak into "default"
     args = argparse.Namespace(config="hiera-small", image_size=512, batch_size=2, objects=3,
                               gradient_checkpointing=True)
     command, env = benchmark.probe_command(args, "lora", "ours", "default")
     assert command[2:] == ["--probe", "lora:ours", "--config", "hiera-small", "--image_size", "512", "--batch_size",
                            "2", "--objects", "3", "--gradient_checkpointing"]
-    assert "MALLOC_MMAP_THRESHOLD_" not in env and env["PATH"] == os.environ["PATH"]
+    assert not {"MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES"} & set(env)
+    assert env["PATH"] == os.environ["PATH"]
     _, env = benchmark.probe_command(args, "lora", "ours", "returned")
-    assert env["MALLOC_MMAP_THRESHOLD_"] == "131072"
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "131072" and "MALLOC_ARENA_MAX" not in env

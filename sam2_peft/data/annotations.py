@@ -50,10 +50,19 @@ def load_coco(
     """
     if mask_type not in ("instance", "semantic"):
         raise ValueError(f"mask_type={mask_type!r} is unknown; use 'instance' or 'semantic'.")
-    path = Path(path)
+    path = Path(path).resolve()
     if image_dir is None:
         image_dir = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
-    return _convert(_coco_rows, [path], path=str(path), image_dir=str(image_dir), mask_type=mask_type)
+    image_dir = Path(image_dir).resolve()
+    dataset = _convert(_coco_rows, [path], path=str(path), image_dir=str(image_dir), mask_type=mask_type)
+    # The cache key covers the json, not the images: check them on every load, cached or not.
+    missing = [cell["path"] for cell in dataset["image"] if not Path(cell["path"]).is_file()]
+    if missing:
+        raise DataError(
+            f"{path}: {len(missing)} image(s) not found, e.g. {missing[0]}; pass `coco_image_dir=` with the folder "
+            "that holds the images."
+        )
+    return dataset
 
 
 def _coco_rows(path: str, image_dir: str, mask_type: str) -> Iterator[dict]:
@@ -228,9 +237,12 @@ def _convert(generator, sources: list[Path], **options) -> datasets.Dataset:
             generator, features=features, gen_kwargs=options, fingerprint=hashlib.sha256(key.encode()).hexdigest()
         )
     except datasets.exceptions.DatasetGenerationError as err:
-        if isinstance(err.__cause__, DataError):  # our own message names the file and the fix: show it as it is
-            raise err.__cause__ from None
-        raise
+        # Show what the conversion raised (a DataError names the file and the fix) rather than datasets' wrapper.
+        cause = err.__cause__
+        if cause is None:
+            raise
+        cause.__suppress_context__ = True
+        raise cause
     skipped = json.loads(dataset[len(dataset) - 1]["skipped"])
     dataset = dataset.remove_columns("skipped")
     dataset.info.description = json.dumps({"sam2_peft_skipped": {k: v for k, v in skipped.items() if v}})

@@ -367,4 +367,6 @@ def _hold_out_val(splits: datasets.DatasetDict, val_fraction: float, seed: int) 
             count += sizes[group]
         out["train"] = train.select([i for i, group in enumerate(groups) if group not in held_out])
         out["val"] = train.select([i for i, group in enumerate(groups) if group in held_out])
+    # A converting source's skipped counts describe all of it: report them with train only.
+    out["val"].info.description = None
     return datasets.DatasetDict({s: out[s] for s in SPLITS if s in out})

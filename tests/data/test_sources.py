@@ -297,10 +297,45 @@ def test_conversions_are_cached_until_the_source_file_changes(tmp_path, monkeypa
 
     coco["annotations"].append({"id": 3, "image_id": 1, "segmentation": [[6, 6, 9, 6, 9, 9, 6, 9]]})
     path.write_text(json.dumps(coco))
-    with pytest.raises(datasets.exceptions.DatasetGenerationError):  # a changed file is converted again...
+    with pytest.raises(AssertionError, match="converted again"):  # a changed file is converted again...
         annotations.load_coco(path)
     monkeypatch.setattr(annotations, "_coco_rows", real)
     changed = annotations.load_coco(path)  # ...into a new cache entry, with the new annotation
     assert changed.cache_files != first.cache_files
     _, labels = decode_row(changed[0], where="coco")
     assert sorted(np.unique(labels)) == [0, 1, 2]
+    coco["annotations"] = [{**ann, "category_id": 4} for ann in coco["annotations"]]
+    path.write_text(json.dumps(coco))
+    instance = annotations.load_coco(path)
+    assert annotations.load_coco(path, mask_type="semantic").cache_files != instance.cache_files  # options count
+
+    # Image paths are stored absolute, and checked on every load: a cached conversion does not hide a lost image.
+    monkeypatch.chdir(tmp_path)
+    relative = annotations.load_coco("instances.json", image_dir="images")
+    monkeypatch.chdir(tmp_path.parent)
+    assert annotations.load_coco(tmp_path / "instances.json", image_dir=tmp_path / "images")["image"] == relative["image"]
+    (tmp_path / "images" / "c.png").unlink()
+    with pytest.raises(DataError, match="1 image.s. not found, e.g. .*c.png; pass `coco_image_dir=`"):
+        annotations.load_coco(path)
+    # What a conversion raises comes out as it is, not wrapped in datasets' DatasetGenerationError.
+    del coco["images"][0]["height"]
+    path.write_text(json.dumps(coco))
+    with pytest.raises(KeyError, match="height"):
+        annotations.load_coco(path)
+
+
+def test_converted_skip_counts_are_reported_once_when_val_is_held_out(tmp_path):
+    import PIL.Image
+
+    (tmp_path / "images").mkdir()
+    for name in "abcd":
+        PIL.Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "images" / f"{name}.png")
+    box = [[1, 1, 4, 1, 4, 4, 1, 4]]
+    coco = {
+        "images": [{"id": i, "file_name": f"{name}.png", "height": 10, "width": 10} for i, name in enumerate("abcd")],
+        "annotations": [{"id": i, "image_id": i % 5, "segmentation": box} for i in range(5)],  # image 4: not listed
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    report = inspect_dataset(tmp_path / "instances.json", val_fraction=0.5)
+    assert report.splits["train"].skipped == {"COCO annotations of images not in 'images'": 1}
+    assert report.splits["val"].num_rows == 2 and not report.splits["val"].skipped
