@@ -170,3 +170,21 @@ def test_resuming_an_early_stopped_run_trains_nothing(tmp_path, monkeypatch):
     assert first["steps"] == 2
     monkeypatch.setattr(finetune_module, "compute_loss", lambda *a, **k: pytest.fail("an early-stopped run resumed"))
     assert finetune(tiny_config(tmp_path, resume_from_checkpoint="latest", **cfg)) == first
+
+
+def test_resume_with_gradient_accumulation_ends_like_an_uninterrupted_run(tmp_path):
+    import shutil
+
+    cfg = dict(strategy="lora", gradient_accumulation_steps=2, batch_size=1, checkpoint_steps=2, lora_dropout=0.1,
+               learning_rate=1e-3)
+    finetune(tiny_config(tmp_path / "whole", **cfg))
+    finetune(tiny_config(tmp_path / "cut", **cfg))
+    # Back to the step-2 checkpoint, as if the run had died there: its last checkpoint and outputs go.
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "checkpoint_1")
+    shutil.rmtree(tmp_path / "cut" / "final")
+    assert int((latest_checkpoint(tmp_path / "cut" / "checkpoints") / COMPLETE_MARKER).read_text()) == 2
+    finetune(tiny_config(tmp_path / "cut", resume_from_checkpoint="latest", **cfg))
+    whole, resumed = final_tensors(tmp_path / "whole"), final_tensors(tmp_path / "cut")
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), f"{name} differs after resuming mid-accumulation run"
