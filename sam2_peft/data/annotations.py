@@ -106,13 +106,8 @@ def _coco_rows(path: str, image_dir: str, mask_type: str) -> Iterator[dict]:
                     skipped["COCO annotations with an empty segmentation"] += 1
                 elif not (labels.flat[where] == value).any():  # every pixel went to a later annotation of another label
                     skipped["COCO annotations hidden by later overlapping ones"] += 1
-            image_path = image_dir / info["file_name"]
-            if not image_path.is_file():
-                raise DataError(
-                    f"{path}: image {info['file_name']!r} not found in {image_dir}; pass `coco_image_dir=` with the "
-                    "folder that holds the images."
-                )
-            yield _row({"path": str(image_path), "bytes": None}, encode_array(labels), Path(info["file_name"]).stem)
+            image = {"path": str(image_dir / info["file_name"]), "bytes": None}  # load_coco checks that it exists
+            yield _row(image, encode_array(labels), Path(info["file_name"]).stem)
 
     yield from _with_skipped(rows(), skipped, none_left=lambda: f"{path} lists no images.")
 
