@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -173,8 +174,6 @@ def test_resuming_an_early_stopped_run_trains_nothing(tmp_path, monkeypatch):
 
 
 def test_resume_with_gradient_accumulation_ends_like_an_uninterrupted_run(tmp_path):
-    import shutil
-
     cfg = dict(strategy="lora", gradient_accumulation_steps=2, batch_size=1, checkpoint_steps=2, lora_dropout=0.1,
                learning_rate=1e-3)
     finetune(tiny_config(tmp_path / "whole", **cfg))
