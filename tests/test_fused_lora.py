@@ -114,3 +114,18 @@ def test_linear_subclasses_keep_peft_dispatch():
     peft_model = apply_strategy(model, "lora")
     assert not any(type(m) is InPlaceLoraLinear for m in peft_model.modules())
     assert type(base_sam2(peft_model).vision_encoder.backbone.blocks[0].attn.qkv) is LoraLinear
+
+
+def test_in_place_update_does_not_clone_the_gradient():
+    """The update goes into the base layer's own output, not into a view of it: autograd would record an in-place
+    update of a view as `CopySlices`, whose backward clones the output-sized gradient."""
+    ours, _ = pair()
+    layer = next(m for m in ours.modules() if type(m) is InPlaceLoraLinear)
+    out = layer(torch.randn(2, 4, 4, layer.in_features))
+    names, pending = set(), [out.grad_fn]
+    while pending:
+        node = pending.pop()
+        names.add(node.name())
+        pending += [child for child, _ in node.next_functions if child is not None]
+    assert out.shape == (2, 4, 4, layer.out_features)
+    assert "AddmmBackward0" in names and not any("CopySlices" in name for name in names)
