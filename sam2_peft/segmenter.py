@@ -122,7 +122,14 @@ class Sam2Segmenter(nn.Module):
             The three FPN levels, high to low resolution: (B, C, S/4, S/4), (B, C, S/8, S/8), (B, C, S/16, S/16).
             Nothing of the mask decoder is applied yet, so these are what a frozen-encoder cache stores.
         """
-        return list(self.sam.vision_encoder(pixel_values).fpn_hidden_states)
+        encoder = self.sam.vision_encoder
+        features = list(encoder(pixel_values).fpn_hidden_states)
+        # The neck also builds a sine position encoding per level, which the decoder does not use (it has its own),
+        # through a one-entry LRU cache shared by all models. The levels take turns in it, so it never hits, but it
+        # pins the last, largest one: (B, 256, S/4, S/4), 64 MB per image at 1024 px, for as long as the process
+        # lives. A 1x1 call takes its place.
+        encoder.neck.position_encoding((1, 1, 1, 1), pixel_values.device, pixel_values.dtype)
+        return features
 
     def forward(
         self,

@@ -1,3 +1,5 @@
+import gc
+
 import pytest
 import torch
 
@@ -122,3 +124,25 @@ def test_pointwise_conv_is_the_convolution_and_calls_anything_else():
     torch.testing.assert_close(pointwise_conv(no_bias, features), no_bias(features), rtol=1e-5, atol=1e-6)
     wider = torch.nn.Conv2d(16, 4, 3, padding=1)  # not 1x1: called as it is
     torch.testing.assert_close(pointwise_conv(wider, features), wider(features), rtol=0, atol=0)
+
+
+def test_encode_images_does_not_pin_the_position_encoding(tiny_model):
+    """The neck caches its largest sine position encoding in a global one-entry cache; `encode_images` evicts it."""
+    pixel_values = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(4))
+    embedding = tiny_model.vision_encoder.neck.position_encoding
+
+    def pinned(shape):
+        """Live tensors equal to the position encoding of a `shape` map, computed apart from the cache."""
+        expected = embedding.build_sine_position_embedding.__wrapped__(
+            shape, "cpu", torch.float32, embedding.num_position_features, embedding.normalize, embedding.scale,
+            embedding.temperature,
+        )
+        return [t for t in gc.get_objects()
+                if type(t) is torch.Tensor and t is not expected and t.shape == expected.shape and torch.equal(t, expected)]
+
+    with torch.no_grad():
+        level0 = tiny_model.vision_encoder(pixel_values).fpn_hidden_states[0].shape
+        assert len(pinned(level0)) == 1  # what plain transformers leaves behind
+        features = Sam2Segmenter(tiny_model).encode_images(pixel_values)
+    assert features[0].shape == level0
+    assert pinned(level0) == []
