@@ -3,6 +3,7 @@ import torch
 
 from sam2_peft.memory import (
     compile_trainable,
+    decoder_layers,
     disable_gradient_checkpointing,
     enable_gradient_checkpointing,
     hiera_blocks,
@@ -56,13 +57,41 @@ def test_checkpointing_under_bf16_autocast_gives_the_same_gradients():
 def test_checkpointing_switches_and_modes():
     model = apply_strategy(load_sam2("tiny-random"), "partial", num_blocks=2)
     assert not is_gradient_checkpointing(model)
-    assert enable_gradient_checkpointing(model) == 2
+    assert enable_gradient_checkpointing(model) == 2 + 2
     assert [block.gradient_checkpointing for block in hiera_blocks(model)] == [False] * 6 + [True] * 2
-    assert enable_gradient_checkpointing(model, blocks="all") == 8
+    assert [layer.gradient_checkpointing for layer in decoder_layers(model)] == [True, True]
+    assert enable_gradient_checkpointing(model, blocks="all", decoder=False) == 8
+    assert not any(layer.gradient_checkpointing for layer in decoder_layers(model))
     disable_gradient_checkpointing(model)
     assert not is_gradient_checkpointing(model)
+    assert enable_gradient_checkpointing(apply_strategy(load_sam2("tiny-random"), "decoder")) == 2  # decoder only
     with pytest.raises(ValueError, match="blocks='some'"):
         enable_gradient_checkpointing(model, blocks="some")
+
+
+@pytest.mark.parametrize("strategy, options", [("decoder", {}), ("lora", {"init_lora_weights": False})])
+def test_checkpointed_decoder_layers_give_the_same_gradients(strategy, options, tiny_batch):
+    """The whole training forward, plain and checkpointed. With LoRA the decoder is frozen, but the trunk's gradients
+    go back through its checkpointed layers."""
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = apply_strategy(load_sam2("tiny-random"), strategy, **options).train()
+        calls = []
+        if checkpointed:
+            enable_gradient_checkpointing(model)
+            for layer in decoder_layers(model):
+                inner = layer._gradient_checkpointing_func
+                layer._gradient_checkpointing_func = lambda *a, _inner=inner, **k: calls.append(1) or _inner(*a, **k)
+        out = Sam2Segmenter(model)(**tiny_batch)
+        (out.mask_logits.square().mean() + out.iou_scores.sum()).backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        results.append((grads, len(calls)))
+    (plain, plain_calls), (checkpointed, calls) = results
+    assert plain_calls == 0 and calls == 2
+    assert sorted(checkpointed) == sorted(plain) and len(plain) > 0
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=0, atol=0, msg=name)
 
 
 def test_compile_in_place_keeps_outputs_and_parameter_names(tiny_model, tiny_batch):
