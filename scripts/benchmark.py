@@ -2,13 +2,15 @@
 
     python scripts/benchmark.py --output runs/benchmark                  # hiera-tiny, 1024 px, batch 1, 3 steps
     python scripts/benchmark.py --config hiera-large --strategies lora,full --gradient_checkpointing  # other sizes
+    python scripts/benchmark.py --strategies lora,full --gradient_checkpointing --mixed_precision bf16
     python scripts/benchmark.py --config tiny-random --image_size 256 --steps 2 --output /tmp/bench   # smoke run
 
 Everything runs in one process on random weights (offline). An "epoch" is `--steps` batches of distinct images.
 - naive: the plain loop users write: `Sam2Model.forward` on every step, fp32, no caches, same strategy and loss.
 - ours: `InteractiveSegmenter` with the feature cache (decoder) or prefix cache (partial), gradient checkpointing
-  with `--gradient_checkpointing`; cached strategies run two epochs and report the second (the first fills the
-  cache). Ratios are naive time / ours.
+  with `--gradient_checkpointing`, a bf16-autocast forward with `--mixed_precision bf16` (as the training loop's
+  `accelerator.autocast()`); cached strategies run two epochs and report the second (the first fills the cache).
+  Ratios are naive time / ours.
 - memory: CUDA max allocated on GPU (in process); on CPU, where RSS never goes down, each strategy runs two steps
   in a subprocess and reports its peak RSS (VmHWM) minus the RSS before the model was built (weights + training
   memory), twice: with glibc's default heap, which keeps many freed blocks (what a plain process uses; it varies
@@ -117,10 +119,12 @@ def naive_step(model, optimizer, batch) -> float:
     return loss.item()
 
 
-def our_step(module, optimizer, batch, cache) -> float:
-    if cache is not None:
-        batch = {**batch, "image_features": cache.features(module.segmenter, batch)}
-    loss = compute_loss(module(batch), batch, WEIGHTS)["loss"]
+def our_step(module, optimizer, batch, cache, args) -> float:
+    with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16"):
+        if cache is not None:
+            batch = {**batch, "image_features": cache.features(module.segmenter, batch)}
+        outputs = module(batch)
+    loss = compute_loss(outputs, batch, WEIGHTS)["loss"]
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
@@ -148,7 +152,7 @@ def setup(args, strategy: str, mode: str):
     plan = plan_cache(model, changes_pixels=False)
     cache = plan.build(model_fingerprint(model), f"benchmark {args.image_size}px", device=args.device)
     module = InteractiveSegmenter(model).train()
-    return (lambda batch: our_step(module, optimizer, batch, cache)), cache
+    return (lambda batch: our_step(module, optimizer, batch, cache, args)), cache
 
 
 def run_strategy(args, strategy: str, batches: list[dict]) -> dict:
@@ -188,6 +192,7 @@ def probe_command(args, strategy: str, mode: str, heap: str) -> tuple[list[str],
     command = [sys.executable, __file__, "--probe", f"{strategy}:{mode}", "--config", args.config, "--image_size",
                str(args.image_size), "--batch_size", str(args.batch_size), "--objects", str(args.objects)]
     command += ["--gradient_checkpointing"] if args.gradient_checkpointing else []
+    command += ["--mixed_precision", args.mixed_precision] if args.mixed_precision != "no" else []
     # "default" means glibc's defaults: drop the user's own malloc settings (MALLOC_*_, GLIBC_TUNABLES).
     env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_") and key != "GLIBC_TUNABLES"}
     return command, {**env, **RETURNED_HEAP} if heap == "returned" else env
@@ -322,7 +327,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="batches per epoch (distinct images)")
     parser.add_argument("--objects", type=int, default=4, help="box-prompted objects per image")
     parser.add_argument("--strategies", default="decoder,partial,lora,full")
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="checkpoint Hiera blocks in ours")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="checkpoint Hiera blocks and the decoder's two-way layers in ours")
+    parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no",
+                        help="bf16 autocast of ours' forward (the naive loop stays fp32)")
     parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--output", default="runs/benchmark", help="folder for benchmark.json and benchmark.md")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one CPU memory run
@@ -341,6 +349,7 @@ def main() -> None:
     report = {"settings": {
         "config": args.config, "image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
         "objects": args.objects, "gradient_checkpointing": args.gradient_checkpointing,
+        "mixed_precision": args.mixed_precision,
         "device": torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads",
         "memory": "CUDA max allocated" if cuda else "peak RSS growth",
         "command": " ".join(["python", "scripts/benchmark.py", *sys.argv[1:]]),

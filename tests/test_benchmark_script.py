@@ -14,13 +14,14 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 @pytest.mark.slow
 def test_benchmark_smoke_run(tmp_path):
     command = [sys.executable, str(SCRIPT), "--config", "tiny-random", "--image_size", "256", "--steps", "1",
-               "--strategies", "decoder,lora-last4", "--output", str(tmp_path)]
+               "--strategies", "decoder,lora-last4", "--mixed_precision", "bf16", "--output", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "benchmark.json").read_text())
     assert set(report["strategies"]) == {"decoder", "lora-last4"}
     assert report["strategies"]["decoder"]["cache"] == "features"
     assert report["strategies"]["lora-last4"]["cache"] == "prefix"
+    assert report["settings"]["mixed_precision"] == "bf16"
     for row in report["strategies"].values():
         assert row["naive_step_s"] > 0 and row["ours_step_s"] > 0
         assert row["peak_mb"] > 0 and row["peak_mb_returned"] > 0
@@ -44,7 +45,7 @@ def test_cpu_memory_probe_measures_the_child_not_its_parent():
 
     ballast = torch.ones(2**28)  # 1 GiB resident in this (parent) process
     args = argparse.Namespace(config="tiny-random", image_size=256, batch_size=1, objects=2,
-                              device=torch.device("cpu"), gradient_checkpointing=False)
+                              device=torch.device("cpu"), gradient_checkpointing=False, mixed_precision="no")
     peak = benchmark.probe_memory(args, "lora", "ours")
     assert 1 < peak < 512, f"{peak:.0f} MB for a 1.5M-parameter model: the parent's {ballast.numel() * 4 >> 20} MB leaked in"
 
@@ -76,10 +77,10 @@ def test_cpu_memory_probes_run_with_the_default_heap_and_with_freed_memory_retur
     for name, value in [("MALLOC_MMAP_THRESHOLD_", "4096"), ("MALLOC_ARENA_MAX", "2"), ("GLIBC_TUNABLES", "x=1")]:
         monkeypatch.setenv(name, value)  # the user's own malloc settings must not leak into "default"
     args = argparse.Namespace(config="hiera-small", image_size=512, batch_size=2, objects=3,
-                              gradient_checkpointing=True)
+                              gradient_checkpointing=True, mixed_precision="bf16")
     command, env = benchmark.probe_command(args, "lora", "ours", "default")
     assert command[2:] == ["--probe", "lora:ours", "--config", "hiera-small", "--image_size", "512", "--batch_size",
-                           "2", "--objects", "3", "--gradient_checkpointing"]
+                           "2", "--objects", "3", "--gradient_checkpointing", "--mixed_precision", "bf16"]
     assert not {"MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES"} & set(env)
     assert env["PATH"] == os.environ["PATH"]
     _, env = benchmark.probe_command(args, "lora", "ours", "returned")
