@@ -14,8 +14,11 @@ works on PEFT-wrapped models too. bf16 autocast needs nothing here: the training
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from functools import partial
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -32,7 +35,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return base_sam2(model).mask_decoder.transformer.layers
 
 
-def enable_gradient_checkpointing(model: nn.Module, blocks: str = "trainable", decoder: bool = True) -> int:
+def enable_gradient_checkpointing(
+    model: nn.Module, blocks: str = "trainable", decoder: bool = True, strips: int = 4
+) -> int:
     """Recompute activations during backward instead of storing them (less memory, more compute).
 
     Args:
@@ -44,6 +49,11 @@ def enable_gradient_checkpointing(model: nn.Module, blocks: str = "trainable", d
         decoder: also checkpoint the mask decoder's two-way attention layers. The decoder runs once per object, so
             what they store grows with the objects per image (about 12 MB per object and layer at 1024 px, of
             which checkpointing keeps the 4 MB input); the recompute adds about 15% to a decoder step on CPU.
+        strips: run each windowed Hiera block as up to this many horizontal strips of whole windows, each its own
+            checkpoint (`checkpoint_in_strips`), so that a block's backward holds one strip's activations; 1
+            checkpoints whole blocks. Global-attention blocks are always whole. At hiera-tiny, 1024 px, 4 strips
+            lower full fine-tuning's peak from 1138 to 987 MB and make steps 5-12% faster on CPU (smaller working
+            sets); gradients differ from whole blocks only by the order of sums over tokens.
 
     Returns:
         The number of layers now checkpointed (Hiera blocks, then decoder layers).
@@ -55,6 +65,8 @@ def enable_gradient_checkpointing(model: nn.Module, blocks: str = "trainable", d
     """
     if blocks not in ("trainable", "all"):
         raise ValueError(f"blocks={blocks!r} is unknown; use 'trainable' or 'all'.")
+    if strips < 1:
+        raise ValueError(f"strips={strips} must be at least 1.")
     modules = list(hiera_blocks(model))
     start = 0
     if blocks == "trainable":
@@ -68,12 +80,43 @@ def enable_gradient_checkpointing(model: nn.Module, blocks: str = "trainable", d
     # Gradients reach the decoder's layers whenever anything trains: everything that trains feeds the decoder.
     modules += list(decoder_layers(model))
     flags += [decoder] * len(decoder_layers(model))
-    # Non-reentrant checkpointing: the recommended mode; it handles inputs without grad and keyword arguments.
-    function = partial(checkpoint, use_reentrant=False)
     for module, flag in zip(modules, flags):
+        window_size = getattr(module, "window_size", 0)  # Hiera blocks: 0 for global attention
         module.gradient_checkpointing = flag
-        module._gradient_checkpointing_func = function
+        module._gradient_checkpointing_func = (
+            partial(checkpoint_in_strips, window_size=window_size, strips=strips) if window_size and strips > 1
+            else checkpoint_whole
+        )
     return sum(flags)
+
+
+def checkpoint_whole(function: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+    """Non-reentrant checkpointing (the recommended mode: it handles inputs without grad and keyword arguments)."""
+    return checkpoint(function, *args, use_reentrant=False)
+
+
+def checkpoint_in_strips(
+    function: Callable[[torch.Tensor], torch.Tensor], hidden_states: torch.Tensor, *, window_size: int, strips: int
+) -> torch.Tensor:
+    """Checkpoint a windowed Hiera block as horizontal strips of whole windows, concatenated.
+
+    Everything in such a block works window by window (attention, query pooling, which stays inside a window) or
+    token by token (norms, projections, MLP), and windows are counted from the top-left corner with the padding at
+    the bottom and right, so each strip of `rows` (a multiple of `window_size`) gives exactly its rows of the whole
+    block's output. Each strip is its own checkpoint: the backward recomputes and holds one strip at a time. At
+    1024 px the first stage-change block's backward holds about 500 MB at once (its `qkv` output alone is 144 MB at
+    hiera-tiny); four strips hold a quarter of that.
+
+    Args:
+        function: the block's forward (what `GradientCheckpointingLayer` passes), taking (B, H, W, C) tokens.
+        hidden_states: the block's input.
+        window_size: the block's attention window, in input tokens.
+        strips: the most strips to cut; fewer when the map is fewer windows high.
+    """
+    windows = math.ceil(hidden_states.shape[1] / window_size)
+    rows = window_size * math.ceil(windows / strips)
+    outputs = [checkpoint(function, part, use_reentrant=False) for part in hidden_states.split(rows, dim=1)]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
 def disable_gradient_checkpointing(model: nn.Module) -> None:
