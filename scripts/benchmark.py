@@ -8,9 +8,9 @@
 Everything runs in one process on random weights (offline). An "epoch" is `--steps` batches of distinct images.
 - naive: the plain loop users write: `Sam2Model.forward` on every step, fp32, no caches, same strategy and loss.
 - ours: `InteractiveSegmenter` with the feature cache (decoder) or prefix cache (partial), gradient checkpointing
-  with `--gradient_checkpointing`, a bf16-autocast forward with `--mixed_precision bf16` (as the training loop's
-  `accelerator.autocast()`); cached strategies run two epochs and report the second (the first fills the cache).
-  Ratios are naive time / ours.
+  with `--gradient_checkpointing` (windowed blocks in `--checkpoint_strips` strips), a bf16-autocast forward with
+  `--mixed_precision bf16` (as the training loop's `accelerator.autocast()`); cached strategies run two epochs and
+  report the second (the first fills the cache). Ratios are naive time / ours.
 - memory: CUDA max allocated on GPU (in process); on CPU, where RSS never goes down, each strategy runs two steps
   in a subprocess and reports its peak RSS (VmHWM) minus the RSS before the model was built (weights + training
   memory), twice: with glibc's default heap, which keeps many freed blocks (what a plain process uses; it varies
@@ -148,7 +148,7 @@ def setup(args, strategy: str, mode: str):
     if mode == "naive":
         return (lambda batch: naive_step(model, optimizer, batch)), None
     if args.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, strips=args.checkpoint_strips)
     plan = plan_cache(model, changes_pixels=False)
     cache = plan.build(model_fingerprint(model), f"benchmark {args.image_size}px", device=args.device)
     module = InteractiveSegmenter(model).train()
@@ -191,7 +191,8 @@ def probe_command(args, strategy: str, mode: str, heap: str) -> tuple[list[str],
     """The command line and environment of one CPU memory probe; `heap` is "default" or "returned" (see above)."""
     command = [sys.executable, __file__, "--probe", f"{strategy}:{mode}", "--config", args.config, "--image_size",
                str(args.image_size), "--batch_size", str(args.batch_size), "--objects", str(args.objects)]
-    command += ["--gradient_checkpointing"] if args.gradient_checkpointing else []
+    if args.gradient_checkpointing:
+        command += ["--gradient_checkpointing", "--checkpoint_strips", str(args.checkpoint_strips)]
     command += ["--mixed_precision", args.mixed_precision] if args.mixed_precision != "no" else []
     # "default" means glibc's defaults: drop the user's own malloc settings (MALLOC_*_, GLIBC_TUNABLES).
     env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_") and key != "GLIBC_TUNABLES"}
@@ -329,6 +330,8 @@ def main() -> None:
     parser.add_argument("--strategies", default="decoder,partial,lora,full")
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="checkpoint Hiera blocks and the decoder's two-way layers in ours")
+    parser.add_argument("--checkpoint_strips", type=int, default=4,
+                        help="strips per windowed Hiera block when checkpointing (1: whole blocks)")
     parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no",
                         help="bf16 autocast of ours' forward (the naive loop stays fp32)")
     parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory runs")
@@ -349,6 +352,7 @@ def main() -> None:
     report = {"settings": {
         "config": args.config, "image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
         "objects": args.objects, "gradient_checkpointing": args.gradient_checkpointing,
+        "checkpoint_strips": args.checkpoint_strips if args.gradient_checkpointing else None,
         "mixed_precision": args.mixed_precision,
         "device": torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads",
         "memory": "CUDA max allocated" if cuda else "peak RSS growth",

@@ -77,10 +77,11 @@ def test_cpu_memory_probes_run_with_the_default_heap_and_with_freed_memory_retur
     for name, value in [("MALLOC_MMAP_THRESHOLD_", "4096"), ("MALLOC_ARENA_MAX", "2"), ("GLIBC_TUNABLES", "x=1")]:
         monkeypatch.setenv(name, value)  # the user's own malloc settings must not leak into "default"
     args = argparse.Namespace(config="hiera-small", image_size=512, batch_size=2, objects=3,
-                              gradient_checkpointing=True, mixed_precision="bf16")
+                              gradient_checkpointing=True, checkpoint_strips=1, mixed_precision="bf16")
     command, env = benchmark.probe_command(args, "lora", "ours", "default")
     assert command[2:] == ["--probe", "lora:ours", "--config", "hiera-small", "--image_size", "512", "--batch_size",
-                           "2", "--objects", "3", "--gradient_checkpointing", "--mixed_precision", "bf16"]
+                           "2", "--objects", "3", "--gradient_checkpointing", "--checkpoint_strips", "1",
+                           "--mixed_precision", "bf16"]
     assert not {"MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES"} & set(env)
     assert env["PATH"] == os.environ["PATH"]
     _, env = benchmark.probe_command(args, "lora", "ours", "returned")
