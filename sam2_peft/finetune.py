@@ -123,7 +123,9 @@ def _run(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:
         logger.info("Trainable parameters (%s):\n%s", cfg.strategy, trainable_summary(model))
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        layers = enable_gradient_checkpointing(model)
+        accelerator.print(f"Gradient checkpointing: {layers} layers (Hiera blocks, windowed ones in strips, and the "
+                          "decoder's two-way layers).")
     if cfg.compile:
         compile_trainable(model)
     module = InteractiveSegmenter(model)

@@ -84,14 +84,16 @@ def test_fsdp_config_trains_the_full_recipe_like_one_process(tmp_path):
         "one": [sys.executable, str(REPO / "recipes" / "full_finetune.py"), "--batch_size", "6",
                 "--mixed_precision", "no"],
     }
-    # LoRA through the same FSDP path: PEFT layers inside the sharded blocks, the adapter gathered for saving.
-    runs["fsdp-lora"] = [*runs["fsdp"], "--strategy", "lora"]
+    # LoRA through the same FSDP path: PEFT layers inside the sharded blocks, the adapter gathered for saving; with
+    # gradient checkpointing (blocks in strips, decoder layers) inside the sharded units.
+    runs["fsdp-lora"] = [*runs["fsdp"], "--strategy", "lora", "--gradient_checkpointing"]
     runs["one-lora"] = [*runs["one"], "--strategy", "lora"]
     for name, command in runs.items():
         single_process = name.startswith("one")
         done = subprocess.run([*command, *common, "--output_dir", str(tmp_path / name)], capture_output=True, text=True,
                               timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"} if single_process else env)
         assert done.returncode == 0, f"{name}: {done.stderr[-3000:]}"
+        assert ("Gradient checkpointing: 10 layers" in done.stdout + done.stderr) == (name == "fsdp-lora")
         if not single_process:  # the wrap policy: one unit per Hiera block and per two-way block, plus the root
             units = next(line for line in done.stdout.splitlines() if line.startswith("FSDP units:")).split()[-1]
             counts = {unit: units.split(",").count(unit) for unit in set(units.split(","))}
