@@ -6,9 +6,9 @@ first stage-change `qkv` at 1024 px: 65,536 tokens x 576 channels, 144 MB), so t
 of a LoRA training step on CPU (hiera-tiny, 1024 px). `InPlaceLoraLinear` folds the update into the base output
 with one `addmm_` instead. It has the same parameters, state dict, saving, merging and gradients as PEFT's layer,
 which it falls back to for everything but plain LoRA (DoRA and other variants, dropout, a bias on B, mixed-adapter
-batches, merged or disabled adapters). It also lowers the peak of LoRA training with gradient checkpointing, which
-is the stage-change block's backward: 745 MB instead of 841 MB (hiera-tiny, 1024 px, 4 objects, freed memory
-returned to the OS).
+batches, merged or disabled adapters). It also lowers LoRA's peak where that is the first stage-change block's
+backward (whole-block gradient checkpointing): 745 MB instead of PEFT's 841 MB (hiera-tiny, 1024 px, 4 objects,
+freed memory returned to the OS).
 
 `apply_strategy` registers it for every LoRA config through PEFT's custom-module API
 (`LoraConfig._register_custom_module`); an adapter saved from it is an ordinary PEFT LoRA adapter.
