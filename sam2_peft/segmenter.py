@@ -94,6 +94,17 @@ def pointwise_conv(conv: nn.Module, features: torch.Tensor) -> torch.Tensor:
     return out.view(batch, conv.out_channels, height, width)
 
 
+def evict_position_encoding(neck: nn.Module) -> None:
+    """Free the position encoding the FPN neck leaves cached; call it after every run of the neck.
+
+    The neck builds a sine position encoding per level, which the decoder does not use (it has its own), through a
+    one-entry LRU cache shared by all models. The levels take turns in it, so it never hits, but it pins the last,
+    largest one: (B, 256, S/4, S/4), 64 MB per image at 1024 px, for as long as the process lives. A 1x1 call takes
+    its place.
+    """
+    neck.position_encoding((1, 1, 1, 1), "cpu", torch.float32)
+
+
 class Sam2Segmenter(nn.Module):
     """Run SAM2 on a batch of images with a varying number of prompted objects per image.
 
@@ -124,11 +135,7 @@ class Sam2Segmenter(nn.Module):
         """
         encoder = self.sam.vision_encoder
         features = list(encoder(pixel_values).fpn_hidden_states)
-        # The neck also builds a sine position encoding per level, which the decoder does not use (it has its own),
-        # through a one-entry LRU cache shared by all models. The levels take turns in it, so it never hits, but it
-        # pins the last, largest one: (B, 256, S/4, S/4), 64 MB per image at 1024 px, for as long as the process
-        # lives. A 1x1 call takes its place.
-        encoder.neck.position_encoding((1, 1, 1, 1), pixel_values.device, pixel_values.dtype)
+        evict_position_encoding(encoder.neck)
         return features
 
     def forward(

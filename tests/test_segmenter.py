@@ -3,6 +3,7 @@ import gc
 import pytest
 import torch
 
+from sam2_peft.caching import encode_from_prefix, encode_prefix
 from sam2_peft.segmenter import PADDING, Sam2Segmenter, combine_prompts, pointwise_conv
 
 
@@ -126,10 +127,13 @@ def test_pointwise_conv_is_the_convolution_and_calls_anything_else():
     torch.testing.assert_close(pointwise_conv(wider, features), wider(features), rtol=0, atol=0)
 
 
-def test_encode_images_does_not_pin_the_position_encoding(tiny_model):
-    """The neck caches its largest sine position encoding in a global one-entry cache; `encode_images` evicts it."""
+@pytest.mark.parametrize("path", ["encode_images", "encode_from_prefix"])
+def test_encoding_does_not_pin_the_position_encoding(tiny_model, path):
+    """The neck caches its largest sine position encoding in a global one-entry cache; both ways of running the
+    encoder (whole, or from a cached prefix) evict it."""
     pixel_values = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(4))
-    embedding = tiny_model.vision_encoder.neck.position_encoding
+    encoder = tiny_model.vision_encoder
+    embedding = encoder.neck.position_encoding
 
     def pinned(shape):
         """Live tensors equal to the position encoding of a `shape` map, computed apart from the cache."""
@@ -141,8 +145,11 @@ def test_encode_images_does_not_pin_the_position_encoding(tiny_model):
                 if type(t) is torch.Tensor and t is not expected and t.shape == expected.shape and torch.equal(t, expected)]
 
     with torch.no_grad():
-        level0 = tiny_model.vision_encoder(pixel_values).fpn_hidden_states[0].shape
+        level0 = encoder(pixel_values).fpn_hidden_states[0].shape
         assert len(pinned(level0)) == 1  # what plain transformers leaves behind
-        features = Sam2Segmenter(tiny_model).encode_images(pixel_values)
+        if path == "encode_images":
+            features = Sam2Segmenter(tiny_model).encode_images(pixel_values)
+        else:
+            features = encode_from_prefix(encoder, encode_prefix(encoder, pixel_values, 4), 4)
     assert features[0].shape == level0
     assert pinned(level0) == []
