@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sam2_peft.hub.files import atomic_file
-from sam2_peft.segmenter import base_sam2, evict_position_encoding
+from sam2_peft.segmenter import base_sam2, fpn_maps
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +114,7 @@ def encode_from_prefix(vision_encoder: nn.Module, prefix: list[torch.Tensor], st
         hidden = backbone.blocks[index](hidden)
         if index in backbone.stage_ends:
             stage_outputs.append(hidden)
-    fpn_maps, _ = vision_encoder.neck(tuple(stage_outputs))
-    evict_position_encoding(vision_encoder.neck)
-    return list(fpn_maps[-vision_encoder.num_feature_levels :][::-1])
+    return fpn_maps(vision_encoder, stage_outputs)
 
 
 def preprocessing_key(dataset) -> str:

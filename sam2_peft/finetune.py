@@ -123,9 +123,9 @@ def _run(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:
         logger.info("Trainable parameters (%s):\n%s", cfg.strategy, trainable_summary(model))
     if cfg.gradient_checkpointing:
-        layers = enable_gradient_checkpointing(model)
-        accelerator.print(f"Gradient checkpointing: {layers} layers (Hiera blocks, windowed ones in strips, and the "
-                          "decoder's two-way layers).")
+        blocks = enable_gradient_checkpointing(model) - 1
+        accelerator.print(f"Gradient checkpointing: {blocks} Hiera blocks (windowed ones in strips) and the mask "
+                          "decoder (one object per checkpoint).")
     if cfg.compile:
         compile_trainable(model)
     module = InteractiveSegmenter(model)

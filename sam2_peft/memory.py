@@ -1,21 +1,22 @@
 """Memory and speed switches for training: activation checkpointing, `torch.compile` of the decoder.
 
     model = apply_strategy(load_sam2("tiny-random"), "lora")
-    enable_gradient_checkpointing(model)        # --gradient_checkpointing: recompute layer activations in backward
+    enable_gradient_checkpointing(model)        # --gradient_checkpointing: recompute activations in backward
     compile_trainable(model)                    # --compile: compile the mask decoder in place
 
-`Sam2Model` does not support `gradient_checkpointing_enable()`, but its Hiera blocks and the mask decoder's two-way
-attention layers are transformers' `GradientCheckpointingLayer`s: with `gradient_checkpointing = True` and a
-`_gradient_checkpointing_func` set, a layer in training mode with autograd on runs its `forward` through that
-function. Module hooks (and so PEFT's adapter layers, which are submodules) stay inside the recomputed region, so it
-works on PEFT-wrapped models too. bf16 autocast needs nothing here: the training loop runs the forward under
-`accelerator.autocast()`, and non-reentrant checkpointing replays the layer under the same autocast state.
+`Sam2Model` does not support `gradient_checkpointing_enable()`, but its Hiera blocks are transformers'
+`GradientCheckpointingLayer`s: with `gradient_checkpointing = True` and a `_gradient_checkpointing_func` set, a block
+in training mode with autograd on runs its `forward` through that function. Module hooks (and so PEFT's adapter
+layers, which are submodules) stay inside the recomputed region, so it works on PEFT-wrapped models too. The mask
+decoder gets the same two attributes, which `Sam2Segmenter` honours: it runs the decoder one object at a time, each
+its own checkpoint. bf16 autocast needs nothing here: the training loop runs the forward under
+`accelerator.autocast()`, and non-reentrant checkpointing replays each region under the same autocast state.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -30,13 +31,8 @@ def hiera_blocks(model: nn.Module) -> nn.ModuleList:
     return base_sam2(model).vision_encoder.backbone.blocks
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The mask decoder's two-way attention layers of a `Sam2Model` or of the PeftModel around one."""
-    return base_sam2(model).mask_decoder.transformer.layers
-
-
 def enable_gradient_checkpointing(
-    model: nn.Module, blocks: str = "trainable", decoder: bool = True, strips: int = 4
+    model: nn.Module, blocks: str = "trainable", decoder: bool = True, strips: int = 4, objects: int = 1
 ) -> int:
     """Recompute activations during backward instead of storing them (less memory, more compute).
 
@@ -46,27 +42,31 @@ def enable_gradient_checkpointing(
         blocks: which Hiera blocks. "trainable" checkpoints the blocks from the first one that trains (or that
             receives a trainable input) on; the frozen blocks before it store no activations anyway. "all"
             checkpoints every block. A block's recompute costs about a third of its forward and backward.
-        decoder: also checkpoint the mask decoder's two-way attention layers. The decoder runs once per object, so
-            what they store grows with the objects per image (about 12 MB per object and layer at 1024 px, of
-            which checkpointing keeps the 4 MB input); the recompute adds about 15% to a decoder step on CPU.
+        decoder: also checkpoint the mask decoder, `objects` objects per checkpoint (`checkpoint_per_object`), in
+            `Sam2Segmenter` (a direct `Sam2Model.forward` does not). The decoder runs once per object and stores
+            about 80 MB per object at 1024 px (per-object copies of the image maps, the two-way layers, the
+            upscaling); checkpointed, the forward keeps only each object's prompts and outputs, and the backward
+            holds one checkpoint's activations at a time. The recompute adds one decoder forward.
         strips: run each windowed Hiera block as up to this many horizontal strips of whole windows, each its own
             checkpoint (`checkpoint_in_strips`), so that a block's backward holds one strip's activations; 1
             checkpoints whole blocks. Global-attention blocks are always whole. At hiera-tiny, 1024 px, 4 strips
             lower full fine-tuning's peak from 1138 to 987 MB and make steps 5-12% faster on CPU (smaller working
             sets); gradients differ from whole blocks only by the order of sums over tokens.
+        objects: objects per decoder checkpoint; more run the decoder in bigger batches (fewer, larger kernels on
+            a GPU) and hold more at once in backward.
 
     Returns:
-        The number of layers now checkpointed (Hiera blocks, then decoder layers).
+        The number of modules now checkpointed: Hiera blocks, plus 1 for the mask decoder.
 
     Example:
         >>> model = apply_strategy(load_sam2("tiny-random"), "lora")
         >>> enable_gradient_checkpointing(model)
-        10
+        9
     """
     if blocks not in ("trainable", "all"):
         raise ValueError(f"blocks={blocks!r} is unknown; use 'trainable' or 'all'.")
-    if strips < 1:
-        raise ValueError(f"strips={strips} must be at least 1.")
+    if strips < 1 or objects < 1:
+        raise ValueError(f"strips={strips} and objects={objects} must both be at least 1.")
     modules = list(hiera_blocks(model))
     start = 0
     if blocks == "trainable":
@@ -76,18 +76,18 @@ def enable_gradient_checkpointing(
             if not name.startswith("blocks.")
         )
         start = 0 if stem_trains else next((index for index, flag in enumerate(trains) if flag), len(modules))
-    flags = [index >= start for index in range(len(modules))]
-    # Gradients reach the decoder's layers whenever anything trains: everything that trains feeds the decoder.
-    modules += list(decoder_layers(model))
-    flags += [decoder] * len(decoder_layers(model))
-    for module, flag in zip(modules, flags):
-        window_size = getattr(module, "window_size", 0)  # Hiera blocks: 0 for global attention
-        module.gradient_checkpointing = flag
-        module._gradient_checkpointing_func = (
+    for index, block in enumerate(modules):
+        window_size = block.window_size  # 0 for global attention
+        block.gradient_checkpointing = index >= start
+        block._gradient_checkpointing_func = (
             partial(checkpoint_in_strips, window_size=window_size, strips=strips) if window_size and strips > 1
             else checkpoint_whole
         )
-    return sum(flags)
+    # Gradients reach the decoder whenever anything trains: everything that trains feeds it.
+    mask_decoder = base_sam2(model).mask_decoder
+    mask_decoder.gradient_checkpointing = decoder
+    mask_decoder._gradient_checkpointing_func = partial(checkpoint_per_object, objects_per_checkpoint=objects)
+    return len(modules) - start + int(decoder)
 
 
 def checkpoint_whole(function: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
@@ -119,15 +119,48 @@ def checkpoint_in_strips(
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
+def checkpoint_per_object(
+    function: Callable[..., tuple[torch.Tensor, ...]],
+    images: Sequence[torch.Tensor],
+    objects: Sequence[torch.Tensor],
+    *,
+    objects_per_checkpoint: int = 1,
+) -> tuple[torch.Tensor, ...]:
+    """Run `function(*images, *objects)` as one checkpoint per group of objects and concatenate its outputs.
+
+    Objects are independent in the mask decoder, so the groups' outputs are exactly the rows of one whole run. The
+    images' tensors are shared by every group (saved once); each group's slice of `objects` and its outputs are
+    all the forward keeps, and the backward recomputes and holds one group at a time.
+
+    Args:
+        function: returns a tuple of tensors whose first dimension is the objects'.
+        images: per-image inputs, passed whole to every group.
+        objects: per-object inputs, split along their first dimension.
+        objects_per_checkpoint: the group size.
+    """
+    count = objects[0].shape[0]
+    groups = [
+        checkpoint(function, *images, *(tensor[start : start + objects_per_checkpoint] for tensor in objects),
+                   use_reentrant=False)
+        for start in range(0, count, objects_per_checkpoint)
+    ]
+    return groups[0] if len(groups) == 1 else tuple(torch.cat(parts) for parts in zip(*groups))
+
+
+def checkpointable_modules(model: nn.Module) -> list[nn.Module]:
+    """The Hiera blocks and the mask decoder: what `enable_gradient_checkpointing` marks."""
+    return [*hiera_blocks(model), base_sam2(model).mask_decoder]
+
+
 def disable_gradient_checkpointing(model: nn.Module) -> None:
     """Store activations again (undo `enable_gradient_checkpointing`)."""
-    for module in [*hiera_blocks(model), *decoder_layers(model)]:
+    for module in checkpointable_modules(model):
         module.gradient_checkpointing = False
 
 
 def is_gradient_checkpointing(model: nn.Module) -> bool:
-    """Whether any Hiera block or decoder layer is checkpointed."""
-    return any(module.gradient_checkpointing for module in [*hiera_blocks(model), *decoder_layers(model)])
+    """Whether any Hiera block or the mask decoder is checkpointed."""
+    return any(getattr(module, "gradient_checkpointing", False) for module in checkpointable_modules(model))
 
 
 def compile_trainable(model: nn.Module, **compile_options) -> list[str]:

@@ -11,9 +11,12 @@ training does), then runs the prompt encoder and mask decoder on the flat batch 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import Sam2Model
 
@@ -78,31 +81,54 @@ def base_sam2(model: nn.Module) -> Sam2Model:
 
 
 def pointwise_conv(conv: nn.Module, features: torch.Tensor) -> torch.Tensor:
-    """`conv(features)`, computed as one batched matrix product when `conv` is a plain 1x1 `nn.Conv2d`.
+    """`conv(features)`, computed as a matrix product over channels when `conv` is a plain 1x1 `nn.Conv2d`.
 
-    The decoder's `conv_s0` runs on the 256x256 feature map on every step once features are cached; on CPU,
-    oneDNN's 1x1 convolution backward takes about three times as long as the equivalent GEMM. Anything else (an
-    adapter layer around the convolution, say) is simply called.
+    On CPU, oneDNN's 1x1 convolution backward takes about three times as long as the equivalent GEMM, and on a
+    channels-last map (what the neck reads: Hiera's (B, H, W, C) tokens, permuted) it also reorders the incoming
+    gradient into a full-size copy (64 MB for the 256-channel level at 1024 px). Channels-first maps go through
+    `baddbmm` and channels-last ones through `F.linear` on their (B, H, W, C) view, so neither is copied, and the
+    output keeps the input's layout. Anything else (an adapter layer around the convolution, say) is simply called.
     """
     plain = type(conv) is nn.Conv2d and conv.kernel_size == conv.stride == (1, 1) and conv.padding == (0, 0)
     if not plain or conv.groups != 1:
         return conv(features)
+    weight = conv.weight.flatten(1)  # (out, in)
+    if not features.is_contiguous() and features.is_contiguous(memory_format=torch.channels_last):
+        return F.linear(features.permute(0, 2, 3, 1), weight, conv.bias).permute(0, 3, 1, 2)
     batch, channels, height, width = features.shape
-    weight = conv.weight.view(1, conv.out_channels, channels).expand(batch, -1, -1)
     flat = features.flatten(2)
+    weight = weight.unsqueeze(0).expand(batch, -1, -1)
     out = torch.bmm(weight, flat) if conv.bias is None else torch.baddbmm(conv.bias.view(1, -1, 1), weight, flat)
     return out.view(batch, conv.out_channels, height, width)
 
 
-def evict_position_encoding(neck: nn.Module) -> None:
-    """Free the position encoding the FPN neck leaves cached; call it after every run of the neck.
+def fpn_maps(vision_encoder: nn.Module, stage_outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The FPN neck of `Sam2VisionModel` on Hiera's stage outputs, high to low resolution.
 
-    The neck builds a sine position encoding per level, which the decoder does not use (it has its own), through a
-    one-entry LRU cache shared by all models. The levels take turns in it, so it never hits, but it pins the last,
-    largest one: (B, 256, S/4, S/4), 64 MB per image at 1024 px, for as long as the process lives. A 1x1 call takes
-    its place.
+    The same maps as `vision_encoder.neck` (lateral convolutions, nearest-upsampled top-down sums on
+    `fpn_top_down_levels`, the last `num_feature_levels` levels), with two differences that only save memory and
+    time: the 1x1 lateral convolutions run as `pointwise_conv`, and the sine position encodings, which the decoder
+    does not use (it has its own), are not built. transformers builds them through a one-entry LRU cache shared by
+    all models; the levels take turns in it, so it never hits, but it keeps the largest one, (B, 256, S/4, S/4),
+    64 MB per image at 1024 px, alive for the life of the process.
+
+    Args:
+        vision_encoder: `Sam2Model.vision_encoder`.
+        stage_outputs: the (B, H, W, C) output of each Hiera stage, high to low resolution (the backbone's
+            `intermediate_hidden_states`).
     """
-    neck.position_encoding((1, 1, 1, 1), "cpu", torch.float32)
+    neck = vision_encoder.neck
+    last = len(neck.convs) - 1
+    maps, previous = [], None
+    for level in range(last, -1, -1):  # top-down: low to high resolution
+        lateral = stage_outputs[level].permute(0, 3, 1, 2)
+        current = pointwise_conv(neck.convs[last - level], lateral.to(neck.convs[last - level].weight.dtype))
+        if previous is not None and level in neck.fpn_top_down_levels:
+            top_down = F.interpolate(previous.to(torch.float32), scale_factor=2.0, mode="nearest")
+            current = current + top_down.to(current.dtype)
+        maps.append(current)
+        previous = current
+    return maps[-vision_encoder.num_feature_levels :][::-1]
 
 
 class Sam2Segmenter(nn.Module):
@@ -134,9 +160,7 @@ class Sam2Segmenter(nn.Module):
             Nothing of the mask decoder is applied yet, so these are what a frozen-encoder cache stores.
         """
         encoder = self.sam.vision_encoder
-        features = list(encoder(pixel_values).fpn_hidden_states)
-        evict_position_encoding(encoder.neck)
-        return features
+        return fpn_maps(encoder, encoder.backbone(pixel_values).intermediate_hidden_states)
 
     def forward(
         self,
@@ -167,14 +191,10 @@ class Sam2Segmenter(nn.Module):
         sam = self.sam
         decoder = sam.mask_decoder
         feat_s0, feat_s1, embeddings = image_features
-        # The decoder's own 1x1 projections of the high-resolution levels: they train with the decoder. Objects
-        # gather their image's maps with `index_select`, whose backward (`index_add_`) is several times faster on
-        # CPU than that of advanced indexing.
+        # The decoder's own 1x1 projections of the high-resolution levels: they train with the decoder.
         feat_s0, feat_s1 = pointwise_conv(decoder.conv_s0, feat_s0), pointwise_conv(decoder.conv_s1, feat_s1)
-        image_index = image_index.to(feat_s0.device)
-        feat_s0, feat_s1 = feat_s0.index_select(0, image_index), feat_s1.index_select(0, image_index)
         # (1, 1, C) -> (1, C, 1, 1): the "no memory" token SAM2 adds to single-image features.
-        embeddings = (embeddings + sam.no_memory_embedding.view(1, -1, 1, 1)).index_select(0, image_index)
+        embeddings = embeddings + sam.no_memory_embedding.view(1, -1, 1, 1)
 
         num_objects = image_index.shape[0]
         sparse, dense = sam.prompt_encoder(
@@ -185,14 +205,44 @@ class Sam2Segmenter(nn.Module):
         )
         if dense.shape[0] != num_objects:
             dense = dense.expand(num_objects, -1, -1, -1)
-        positional = sam.get_image_wide_positional_embeddings().expand(num_objects, -1, -1, -1)
-        masks, iou_scores, _, object_score_logits = decoder(
-            image_embeddings=embeddings,
+        images, objects = (feat_s0, feat_s1, embeddings), (image_index.to(feat_s0.device), sparse, dense)
+        decode = partial(self.decode, multimask_output=multimask_output)
+        # `memory.enable_gradient_checkpointing` marks the decoder like transformers' checkpointed layers.
+        if getattr(decoder, "gradient_checkpointing", False) and decoder.training and torch.is_grad_enabled():
+            masks, iou_scores, object_score_logits = decoder._gradient_checkpointing_func(decode, images, objects)
+        else:
+            masks, iou_scores, object_score_logits = decode(*images, *objects)
+        return SegmenterOutput(masks, iou_scores, object_score_logits)
+
+    def decode(
+        self,
+        feat_s0: torch.Tensor,
+        feat_s1: torch.Tensor,
+        embeddings: torch.Tensor,
+        image_index: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        *,
+        multimask_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the mask decoder for N objects on the B images' projected maps; `forward` does the rest.
+
+        Each object is its own decoder batch entry with one prompt set, so objects gather their image's maps with
+        `index_select` (whose backward, `index_add_`, is several times faster on CPU than that of advanced
+        indexing). These per-object copies, like the decoder's own, live only while this runs.
+
+        Returns:
+            (N, M, h, w) mask logits, (N, M) IoU scores and (N, 1) object-score logits.
+        """
+        sam = self.sam
+        positional = sam.get_image_wide_positional_embeddings().expand(image_index.shape[0], -1, -1, -1)
+        masks, iou_scores, _, object_score_logits = sam.mask_decoder(
+            image_embeddings=embeddings.index_select(0, image_index),
             image_positional_embeddings=positional,
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
-            high_resolution_features=[feat_s0, feat_s1],
+            high_resolution_features=[feat_s0.index_select(0, image_index), feat_s1.index_select(0, image_index)],
         )
-        # Each object is its own decoder batch entry with one prompt set: drop that point-batch axis.
-        return SegmenterOutput(masks[:, 0], iou_scores[:, 0], object_score_logits[:, 0])
+        # Drop the point-batch axis of one prompt set per entry.
+        return masks[:, 0], iou_scores[:, 0], object_score_logits[:, 0]

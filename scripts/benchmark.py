@@ -329,7 +329,7 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=4, help="box-prompted objects per image")
     parser.add_argument("--strategies", default="decoder,partial,lora,full")
     parser.add_argument("--gradient_checkpointing", action="store_true",
-                        help="checkpoint Hiera blocks and the decoder's two-way layers in ours")
+                        help="checkpoint Hiera blocks and the mask decoder (per object) in ours")
     parser.add_argument("--checkpoint_strips", type=int, default=4,
                         help="strips per windowed Hiera block when checkpointing (1: whole blocks)")
     parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no",

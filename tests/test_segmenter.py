@@ -1,4 +1,4 @@
-import gc
+from unittest import mock
 
 import pytest
 import torch
@@ -117,10 +117,15 @@ def test_decoder_gradients_match_sam2model_forward(tiny_model):
         torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_pointwise_conv_is_the_convolution_and_calls_anything_else():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pointwise_conv_is_the_convolution_and_calls_anything_else(channels_last):
     features = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(4))
+    if channels_last:  # what the neck reads: Hiera's (B, H, W, C) tokens, permuted
+        features = features.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
     conv = torch.nn.Conv2d(16, 4, 1)
-    torch.testing.assert_close(pointwise_conv(conv, features), conv(features), rtol=1e-5, atol=1e-6)
+    out = pointwise_conv(conv, features)
+    torch.testing.assert_close(out, conv(features), rtol=1e-5, atol=1e-6)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     no_bias = torch.nn.Conv2d(16, 4, 1, bias=False)
     torch.testing.assert_close(pointwise_conv(no_bias, features), no_bias(features), rtol=1e-5, atol=1e-6)
     wider = torch.nn.Conv2d(16, 4, 3, padding=1)  # not 1x1: called as it is
@@ -128,28 +133,33 @@ def test_pointwise_conv_is_the_convolution_and_calls_anything_else():
 
 
 @pytest.mark.parametrize("path", ["encode_images", "encode_from_prefix"])
-def test_encoding_does_not_pin_the_position_encoding(tiny_model, path):
-    """The neck caches its largest sine position encoding in a global one-entry cache; both ways of running the
-    encoder (whole, or from a cached prefix) evict it."""
+def test_fpn_maps_are_the_neck_without_position_encodings(tiny_model, path):
+    """Both ways of running the encoder (whole, or from a cached prefix) give transformers' FPN maps and gradients,
+    and never build the neck's sine position encodings, which transformers keeps in a global one-entry cache (the
+    largest level's, 64 MB per image at 1024 px)."""
     pixel_values = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(4))
     encoder = tiny_model.vision_encoder
-    embedding = encoder.neck.position_encoding
+    weights = [torch.randn(2, 64, s, s, generator=torch.Generator().manual_seed(s)) for s in (64, 32, 16)]
 
-    def pinned(shape):
-        """Live tensors equal to the position encoding of a `shape` map, computed apart from the cache."""
-        expected = embedding.build_sine_position_embedding.__wrapped__(
-            shape, "cpu", torch.float32, embedding.num_position_features, embedding.normalize, embedding.scale,
-            embedding.temperature,
-        )
-        return [t for t in gc.get_objects()
-                if type(t) is torch.Tensor and t is not expected and t.shape == expected.shape and torch.equal(t, expected)]
+    def maps_and_grads(encode):
+        tiny_model.zero_grad()
+        maps = encode()
+        sum((m * w).sum() for m, w in zip(maps, weights)).backward()
+        return maps, {name: p.grad.clone() for name, p in encoder.named_parameters() if p.grad is not None}
 
-    with torch.no_grad():
-        level0 = encoder(pixel_values).fpn_hidden_states[0].shape
-        assert len(pinned(level0)) == 1  # what plain transformers leaves behind
+    embedding = type(encoder.neck.position_encoding)
+    with mock.patch.object(embedding, "forward", autospec=True, side_effect=embedding.forward) as built:
+        reference, reference_grads = maps_and_grads(lambda: encoder(pixel_values).fpn_hidden_states)
+        assert built.call_count == 4  # transformers builds one per neck level (the decoder reads three)
+        built.reset_mock()
         if path == "encode_images":
-            features = Sam2Segmenter(tiny_model).encode_images(pixel_values)
+            maps, grads = maps_and_grads(lambda: Sam2Segmenter(tiny_model).encode_images(pixel_values))
         else:
-            features = encode_from_prefix(encoder, encode_prefix(encoder, pixel_values, 4), 4)
-    assert features[0].shape == level0
-    assert pinned(level0) == []
+            prefix = encode_prefix(encoder, pixel_values, 4)
+            maps, grads = maps_and_grads(lambda: encode_from_prefix(encoder, prefix, 4))
+        built.assert_not_called()
+    for ours, theirs in zip(maps, reference, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == reference_grads.keys() and any(name.startswith("neck.convs") for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-5 * grad.abs().max().item())
