@@ -32,7 +32,11 @@ def hiera_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def enable_gradient_checkpointing(
-    model: nn.Module, blocks: str = "trainable", decoder: bool = True, strips: int = 4, objects: int = 1
+    model: nn.Module,
+    blocks: str = "trainable",
+    decoder: bool = True,
+    strips: int = 4,
+    objects_per_checkpoint: int = 1,
 ) -> int:
     """Recompute activations during backward instead of storing them (less memory, more compute).
 
@@ -42,18 +46,19 @@ def enable_gradient_checkpointing(
         blocks: which Hiera blocks. "trainable" checkpoints the blocks from the first one that trains (or that
             receives a trainable input) on; the frozen blocks before it store no activations anyway. "all"
             checkpoints every block. A block's recompute costs about a third of its forward and backward.
-        decoder: also checkpoint the mask decoder, `objects` objects per checkpoint (`checkpoint_per_object`), in
-            `Sam2Segmenter` (a direct `Sam2Model.forward` does not). The decoder runs once per object and stores
-            about 80 MB per object at 1024 px (per-object copies of the image maps, the two-way layers, the
-            upscaling); checkpointed, the forward keeps only each object's prompts and outputs, and the backward
-            holds one checkpoint's activations at a time. The recompute adds one decoder forward.
+        decoder: also checkpoint the mask decoder, `objects_per_checkpoint` objects at a time
+            (`checkpoint_per_object`), in `Sam2Segmenter` (a direct `Sam2Model.forward` does not). The decoder
+            runs once per object and stores about 80 MB per object at 1024 px (per-object copies of the image maps,
+            the two-way layers, the upscaling); checkpointed, the forward keeps only each object's prompts and
+            outputs, and the backward holds one checkpoint's activations at a time. The recompute adds one decoder
+            forward.
         strips: run each windowed Hiera block as up to this many horizontal strips of whole windows, each its own
             checkpoint (`checkpoint_in_strips`), so that a block's backward holds one strip's activations; 1
             checkpoints whole blocks. Global-attention blocks are always whole. At hiera-tiny, 1024 px, 4 strips
             lower full fine-tuning's peak from 1138 to 987 MB and make steps 5-12% faster on CPU (smaller working
             sets); gradients differ from whole blocks only by the order of sums over tokens.
-        objects: objects per decoder checkpoint; more run the decoder in bigger batches (fewer, larger kernels on
-            a GPU) and hold more at once in backward.
+        objects_per_checkpoint: objects per decoder checkpoint; more run the decoder in bigger batches (fewer,
+            larger kernels on a GPU) and hold more at once in backward.
 
     Returns:
         The number of modules now checkpointed: Hiera blocks, plus 1 for the mask decoder.
@@ -65,8 +70,8 @@ def enable_gradient_checkpointing(
     """
     if blocks not in ("trainable", "all"):
         raise ValueError(f"blocks={blocks!r} is unknown; use 'trainable' or 'all'.")
-    if strips < 1 or objects < 1:
-        raise ValueError(f"strips={strips} and objects={objects} must both be at least 1.")
+    if strips < 1 or objects_per_checkpoint < 1:
+        raise ValueError(f"strips={strips} and objects_per_checkpoint={objects_per_checkpoint} must be at least 1.")
     modules = list(hiera_blocks(model))
     start = 0
     if blocks == "trainable":
@@ -86,7 +91,9 @@ def enable_gradient_checkpointing(
     # Gradients reach the decoder whenever anything trains: everything that trains feeds it.
     mask_decoder = base_sam2(model).mask_decoder
     mask_decoder.gradient_checkpointing = decoder
-    mask_decoder._gradient_checkpointing_func = partial(checkpoint_per_object, objects_per_checkpoint=objects)
+    mask_decoder._gradient_checkpointing_func = partial(
+        checkpoint_per_object, objects_per_checkpoint=objects_per_checkpoint
+    )
     return len(modules) - start + int(decoder)
 
 

@@ -121,15 +121,15 @@ def test_checkpointing_switches_and_modes():
     assert [block.gradient_checkpointing for block in hiera_blocks(model)] == [False] * 6 + [True] * 2
     assert decoder.gradient_checkpointing and decoder._gradient_checkpointing_func.keywords == {
         "objects_per_checkpoint": 1}
-    assert enable_gradient_checkpointing(model, blocks="all", decoder=False, objects=3) == 8
+    assert enable_gradient_checkpointing(model, blocks="all", decoder=False, objects_per_checkpoint=3) == 8
     assert not decoder.gradient_checkpointing
     disable_gradient_checkpointing(model)
     assert not is_gradient_checkpointing(model)
     assert enable_gradient_checkpointing(apply_strategy(load_sam2("tiny-random"), "decoder")) == 1  # decoder only
     with pytest.raises(ValueError, match="blocks='some'"):
         enable_gradient_checkpointing(model, blocks="some")
-    with pytest.raises(ValueError, match="objects=0"):
-        enable_gradient_checkpointing(model, objects=0)
+    with pytest.raises(ValueError, match="objects_per_checkpoint=0"):
+        enable_gradient_checkpointing(model, objects_per_checkpoint=0)
 
 
 def test_checkpoint_per_object_splits_objects_and_shares_images():
