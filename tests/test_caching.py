@@ -107,6 +107,22 @@ def test_cache_misses_when_model_preprocessing_view_or_autocast_change(tiny_mode
     assert cache.misses == 6
 
 
+def test_one_image_gets_the_cached_tensors_and_several_get_a_stack(tiny_model, train_batch):
+    """A one-image batch reads the in-memory entry as it is (no 84 MB copy per 1024-px step); several images are
+    stacked into new tensors, equal to their entries."""
+    segmenter = Sam2Segmenter(tiny_model)
+    cache = FeatureCache(model_fingerprint(tiny_model), PREPROCESSING)
+    both = cache.features(segmenter, train_batch)
+    first = {**train_batch, "pixel_values": train_batch["pixel_values"][:1], "image_ids": train_batch["image_ids"][:1]}
+    alone, again = cache.features(segmenter, first), cache.features(segmenter, first)
+    assert (cache.misses, cache.hits) == (2, 2)
+    for level, (stacked, one, other) in enumerate(zip(both, alone, again)):
+        assert one.shape == (1, *stacked.shape[1:]) and one.data_ptr() == other.data_ptr(), level
+        assert one.data_ptr() != stacked.data_ptr()
+        torch.testing.assert_close(one[0], stacked[0], rtol=0, atol=0)
+    assert cache.features(segmenter, train_batch)[0].data_ptr() != both[0].data_ptr()
+
+
 def test_disk_cache_survives_a_new_instance_and_catches_replaced_pixels(tiny_model, train_batch, tmp_path):
     segmenter = Sam2Segmenter(tiny_model)
     fingerprint = model_fingerprint(tiny_model)
