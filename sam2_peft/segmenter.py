@@ -105,12 +105,12 @@ def pointwise_conv(conv: nn.Module, features: torch.Tensor) -> torch.Tensor:
 def fpn_maps(vision_encoder: nn.Module, stage_outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The FPN neck of `Sam2VisionModel` on Hiera's stage outputs, high to low resolution.
 
-    The same maps as `vision_encoder.neck` (lateral convolutions, nearest-upsampled top-down sums on
-    `fpn_top_down_levels`, the last `num_feature_levels` levels), with two differences that only save memory and
-    time: the 1x1 lateral convolutions run as `pointwise_conv`, and the sine position encodings, which the decoder
-    does not use (it has its own), are not built. transformers builds them through a one-entry LRU cache shared by
-    all models; the levels take turns in it, so it never hits, but it keeps the largest one, (B, 256, S/4, S/4),
-    64 MB per image at 1024 px, alive for the life of the process.
+    The same maps as `vision_encoder.neck` up to float rounding (lateral convolutions, nearest-upsampled top-down
+    sums on `fpn_top_down_levels`, the last `num_feature_levels` levels), with two differences that only save
+    memory and time: the 1x1 lateral convolutions run as `pointwise_conv`, and the sine position encodings, which
+    the decoder does not use (it has its own), are not built. transformers builds them through a one-entry LRU cache
+    shared by all models; the levels take turns in it, so it never hits, but it keeps the largest one,
+    (B, 256, S/4, S/4), 64 MB per image at 1024 px, alive for the life of the process.
 
     Args:
         vision_encoder: `Sam2Model.vision_encoder`.
