@@ -6,11 +6,14 @@
 
 `Sam2Model` does not support `gradient_checkpointing_enable()`, but its Hiera blocks are transformers'
 `GradientCheckpointingLayer`s: with `gradient_checkpointing = True` and a `_gradient_checkpointing_func` set, a block
-in training mode with autograd on runs its `forward` through that function. Module hooks (and so PEFT's adapter
-layers, which are submodules) stay inside the recomputed region, so it works on PEFT-wrapped models too. The mask
-decoder gets the same two attributes, which `Sam2Segmenter` honours: it runs the decoder one object at a time, each
-its own checkpoint. bf16 autocast needs nothing here: the training loop runs the forward under
-`accelerator.autocast()`, and non-reentrant checkpointing replays each region under the same autocast state.
+in training mode with autograd on runs its `forward` through that function. Submodules, and so PEFT's adapter
+layers and their hooks, stay inside the recomputed region, so it works on PEFT-wrapped models too; a block's own
+hooks (FSDP2's) run once, outside. The mask decoder gets the same two attributes, which `Sam2Segmenter` honours: it
+runs the decoder one object at a time, each its own checkpoint, so the decoder's submodules run a number of times
+that depends on the batch; under FSDP keep them out of their own units (`recipes/accelerate/fsdp.yaml` leaves the
+decoder in the root unit), or the processes' all-gathers fall out of step. bf16 autocast needs nothing here: the
+training loop runs the forward under `accelerator.autocast()`, and non-reentrant checkpointing replays each region
+under the same autocast state.
 """
 
 from __future__ import annotations
@@ -147,6 +150,8 @@ def checkpoint_per_object(
         objects_per_checkpoint: the group size.
     """
     count = objects[0].shape[0]
+    if count == 0:
+        raise ValueError("checkpoint_per_object got no objects; every batch needs at least one object.")
     groups = [
         checkpoint(function, *images, *(tensor[start : start + objects_per_checkpoint] for tensor in objects),
                    use_reentrant=False)

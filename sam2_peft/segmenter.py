@@ -83,14 +83,15 @@ def base_sam2(model: nn.Module) -> Sam2Model:
 def pointwise_conv(conv: nn.Module, features: torch.Tensor) -> torch.Tensor:
     """`conv(features)`, computed as a matrix product over channels when `conv` is a plain 1x1 `nn.Conv2d`.
 
-    On CPU, oneDNN's 1x1 convolution backward takes about three times as long as the equivalent GEMM, and on a
-    channels-last map (what the neck reads: Hiera's (B, H, W, C) tokens, permuted) it also reorders the incoming
-    gradient into a full-size copy (64 MB for the 256-channel level at 1024 px). Channels-first maps go through
-    `baddbmm` and channels-last ones through `F.linear` on their (B, H, W, C) view, so neither is copied, and the
-    output keeps the input's layout. Anything else (an adapter layer around the convolution, say) is simply called.
+    On CPU, oneDNN's 1x1 convolution backward takes about three times as long as the equivalent GEMM, and it
+    allocates a full-size copy of the incoming gradient (64 MB for the neck's 256-channel S/4 level at 1024 px).
+    Channels-first maps go through `baddbmm`; channels-last ones (the neck's S/8 and S/16 inputs: Hiera's
+    (B, H, W, C) tokens, permuted) through `F.linear` on their (B, H, W, C) view, so neither input is copied, and
+    the output keeps the input's layout. Anything else (an adapter layer around the convolution, say), and a
+    convolution with forward hooks of its own (accelerate's device hooks, say), is simply called.
     """
     plain = type(conv) is nn.Conv2d and conv.kernel_size == conv.stride == (1, 1) and conv.padding == (0, 0)
-    if not plain or conv.groups != 1:
+    if not plain or conv.groups != 1 or conv._forward_hooks or conv._forward_pre_hooks:
         return conv(features)
     weight = conv.weight.flatten(1)  # (out, in)
     if not features.is_contiguous() and features.is_contiguous(memory_format=torch.channels_last):
@@ -110,7 +111,8 @@ def fpn_maps(vision_encoder: nn.Module, stage_outputs: Sequence[torch.Tensor]) -
     memory and time: the 1x1 lateral convolutions run as `pointwise_conv`, and the sine position encodings, which
     the decoder does not use (it has its own), are not built. transformers builds them through a one-entry LRU cache
     shared by all models; the levels take turns in it, so it never hits, but it keeps the largest one,
-    (B, 256, S/4, S/4), 64 MB per image at 1024 px, alive for the life of the process.
+    (B, 256, S/4, S/4), 64 MB per image at 1024 px, alive for the life of the process. It reads the neck's weights
+    without calling the neck, so hooks on the neck itself do not run.
 
     Args:
         vision_encoder: `Sam2Model.vision_encoder`.

@@ -154,34 +154,42 @@ def test_checkpoint_per_object_splits_objects_and_shares_images():
     (expected_rows.square().sum() + expected_sums.sum()).backward()
     torch.testing.assert_close(grads[0], image.grad, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grads[1], scale.grad, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="no objects"):
+        checkpoint_per_object(function, [image], [index[:0], scale[:0]])
 
 
 @pytest.mark.parametrize(
-    "strategy, options", [("decoder", {}), ("lora", {"init_lora_weights": False}), ("lora", {"decoder": "full"})]
+    "strategy, options, group, runs",
+    [
+        ("decoder", {}, 1, [1, 1, 1]),  # tiny_batch's 3 objects, one per checkpoint
+        ("lora", {"init_lora_weights": False}, 1, [1, 1, 1]),
+        ("lora", {"decoder": "full"}, 2, [2, 1]),
+    ],
 )
 @pytest.mark.parametrize("masks", [False, True])
-def test_checkpointed_decoder_gives_the_same_outputs_and_gradients(strategy, options, masks, tiny_batch):
-    """The whole training forward, plain and with the decoder run one object per checkpoint (and mask prompts, which
-    make the dense embeddings per object). With LoRA the decoder is frozen by default, but the trunk's gradients go
-    back through it."""
+def test_checkpointed_decoder_gives_the_same_outputs_and_gradients(strategy, options, group, runs, masks, tiny_batch):
+    """The whole training forward, plain and with the decoder run `group` objects per checkpoint (and mask prompts,
+    which make the dense embeddings per object). Each group's decoder runs twice: forward, then the recompute in
+    backward, in an order of autograd's choosing. With LoRA the decoder is frozen by default, but the trunk's
+    gradients go back through it."""
     mask_inputs = torch.randn(3, 1, 64, 64, generator=torch.Generator().manual_seed(1)) if masks else None
     results = []
     for checkpointed in (False, True):
         torch.manual_seed(0)
         model = apply_strategy(load_sam2("tiny-random"), strategy, **options).train()
-        calls = []
+        decoder_runs = []  # objects in each run of `Sam2Segmenter.decode`
         if checkpointed:
-            enable_gradient_checkpointing(model, blocks="all")
-            decoder = base_sam2(model).mask_decoder
-            inner = decoder._gradient_checkpointing_func
-            decoder._gradient_checkpointing_func = lambda *a, **k: calls.append(1) or inner(*a, **k)
-        with mock.patch.object(memory, "checkpoint", side_effect=lambda *a, **k: calls.append(2) or checkpoint(*a, **k)):
-            out = Sam2Segmenter(model)(**tiny_batch, mask_inputs=mask_inputs)
+            enable_gradient_checkpointing(model, objects_per_checkpoint=group)
+        segmenter = Sam2Segmenter(model)
+        decode = segmenter.decode
+        with mock.patch.object(segmenter, "decode", lambda *a, **k: decoder_runs.append(len(a[3])) or decode(*a, **k)):
+            out = segmenter(**tiny_batch, mask_inputs=mask_inputs)
             (out.mask_logits.square().mean() + out.iou_scores.sum() + out.object_score_logits.sum()).backward()
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-        results.append((out, grads, calls))
-    (plain_out, plain, plain_calls), (out, checkpointed, calls) = results
-    assert plain_calls == [] and calls.count(1) == 1 and calls.count(2) >= 3  # 3 objects, plus Hiera strips
+        results.append((out, grads, decoder_runs))
+    (plain_out, plain, plain_runs), (out, checkpointed, checkpointed_runs) = results
+    forward, recomputed = checkpointed_runs[: len(runs)], checkpointed_runs[len(runs) :]
+    assert plain_runs == [3] and forward == runs and sorted(recomputed) == sorted(runs)  # backward picks the order
     for name in ("mask_logits", "iou_scores", "object_score_logits"):
         torch.testing.assert_close(getattr(out, name), getattr(plain_out, name), rtol=1e-5, atol=1e-6, msg=name)
     assert sorted(checkpointed) == sorted(plain) and len(plain) > 0

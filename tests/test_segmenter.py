@@ -130,6 +130,10 @@ def test_pointwise_conv_is_the_convolution_and_calls_anything_else(channels_last
     torch.testing.assert_close(pointwise_conv(no_bias, features), no_bias(features), rtol=1e-5, atol=1e-6)
     wider = torch.nn.Conv2d(16, 4, 3, padding=1)  # not 1x1: called as it is
     torch.testing.assert_close(pointwise_conv(wider, features), wider(features), rtol=0, atol=0)
+    seen = []
+    conv.register_forward_hook(lambda *args: seen.append(1))  # a hook of its own: called, so the hook runs
+    pointwise_conv(conv, features)
+    assert seen == [1]
 
 
 @pytest.mark.parametrize("path", ["encode_images", "encode_from_prefix"])
