@@ -126,7 +126,7 @@ def checkpoint_in_strips(
     """
     windows = math.ceil(hidden_states.shape[1] / window_size)
     rows = window_size * math.ceil(windows / strips)
-    outputs = [checkpoint(function, part, use_reentrant=False) for part in hidden_states.split(rows, dim=1)]
+    outputs = [checkpoint_whole(function, part) for part in hidden_states.split(rows, dim=1)]
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
@@ -153,8 +153,7 @@ def checkpoint_per_object(
     if count == 0:
         raise ValueError("checkpoint_per_object got no objects; every batch needs at least one object.")
     groups = [
-        checkpoint(function, *images, *(tensor[start : start + objects_per_checkpoint] for tensor in objects),
-                   use_reentrant=False)
+        checkpoint_whole(function, *images, *(tensor[start : start + objects_per_checkpoint] for tensor in objects))
         for start in range(0, count, objects_per_checkpoint)
     ]
     return groups[0] if len(groups) == 1 else tuple(torch.cat(parts) for parts in zip(*groups))

@@ -123,8 +123,8 @@ def fpn_maps(vision_encoder: nn.Module, stage_outputs: Sequence[torch.Tensor]) -
     last = len(neck.convs) - 1
     maps, previous = [], None
     for level in range(last, -1, -1):  # top-down: low to high resolution
-        lateral = stage_outputs[level].permute(0, 3, 1, 2)
-        current = pointwise_conv(neck.convs[last - level], lateral.to(neck.convs[last - level].weight.dtype))
+        conv = neck.convs[last - level]
+        current = pointwise_conv(conv, stage_outputs[level].permute(0, 3, 1, 2).to(conv.weight.dtype))
         if previous is not None and level in neck.fpn_top_down_levels:
             top_down = F.interpolate(previous.to(torch.float32), scale_factor=2.0, mode="nearest")
             current = current + top_down.to(current.dtype)
