@@ -101,7 +101,7 @@ class TrainConfig:
     cache_views: int = _help("With pixel-changing augmentation, augmented views cached per image (draws repeat every N epochs).", default=4)
     cache_dir: str | None = _help("Keep the feature cache on disk (safetensors) instead of in memory.", default=None)
     gradient_checkpointing: bool = _help("Recompute activations in backward: the trainable Hiera blocks (windowed ones in strips) and the mask decoder, one object at a time. Less memory, about a third more encoder compute and one more decoder forward.", default=False)
-    compile: bool = _help("torch.compile the mask decoder (needs a C++ compiler on CPU).", default=False)
+    compile: bool = _help("torch.compile the mask decoder's two-way transformer (needs a C++ compiler on CPU).", default=False)
 
     # Evaluation, checkpoints, logging
     eval_steps: int | None = _help("Validate every N optimiser steps; default once per epoch.", default=None)

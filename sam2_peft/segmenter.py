@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Sam2Model
 
+from sam2_peft.mask_decoder import decode_masks, decoder_images
+
 # Point labels of the SAM2 prompt encoder. A box is encoded as its two corners (labels 2 and 3), exactly as the
 # official predictor does, so boxes, clicks and both together share one tensor layout.
 NEGATIVE, POSITIVE, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT = 0, 1, 2, 3
@@ -195,8 +197,7 @@ class Sam2Segmenter(nn.Module):
         feat_s0, feat_s1, embeddings = image_features
         # The decoder's own 1x1 projections of the high-resolution levels: they train with the decoder.
         feat_s0, feat_s1 = pointwise_conv(decoder.conv_s0, feat_s0), pointwise_conv(decoder.conv_s1, feat_s1)
-        # (1, 1, C) -> (1, C, 1, 1): the "no memory" token SAM2 adds to single-image features.
-        embeddings = embeddings + sam.no_memory_embedding.view(1, -1, 1, 1)
+        images = decoder_images(sam, feat_s0, feat_s1, embeddings)
 
         num_objects = image_index.shape[0]
         sparse, dense = sam.prompt_encoder(
@@ -207,44 +208,11 @@ class Sam2Segmenter(nn.Module):
         )
         if dense.shape[0] != num_objects:
             dense = dense.expand(num_objects, -1, -1, -1)
-        images, objects = (feat_s0, feat_s1, embeddings), (image_index.to(feat_s0.device), sparse, dense)
-        decode = partial(self.decode, multimask_output=multimask_output)
+        objects = (image_index.to(feat_s0.device), sparse, dense)
+        decode = partial(decode_masks, sam, grid=tuple(embeddings.shape[-2:]), multimask_output=multimask_output)
         # `memory.enable_gradient_checkpointing` marks the decoder like transformers' checkpointed layers.
         if getattr(decoder, "gradient_checkpointing", False) and decoder.training and torch.is_grad_enabled():
             masks, iou_scores, object_score_logits = decoder._gradient_checkpointing_func(decode, images, objects)
         else:
             masks, iou_scores, object_score_logits = decode(*images, *objects)
         return SegmenterOutput(masks, iou_scores, object_score_logits)
-
-    def decode(
-        self,
-        feat_s0: torch.Tensor,
-        feat_s1: torch.Tensor,
-        embeddings: torch.Tensor,
-        image_index: torch.Tensor,
-        sparse: torch.Tensor,
-        dense: torch.Tensor,
-        *,
-        multimask_output: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run the mask decoder for N objects on the B images' projected maps; `forward` does the rest.
-
-        Each object is its own decoder batch entry with one prompt set, so objects gather their image's maps with
-        `index_select` (whose backward, `index_add_`, is several times faster on CPU than that of advanced
-        indexing). These per-object copies, like the decoder's own, live only while this runs.
-
-        Returns:
-            (N, M, h, w) mask logits, (N, M) IoU scores and (N, 1) object-score logits.
-        """
-        sam = self.sam
-        positional = sam.get_image_wide_positional_embeddings().expand(image_index.shape[0], -1, -1, -1)
-        masks, iou_scores, _, object_score_logits = sam.mask_decoder(
-            image_embeddings=embeddings.index_select(0, image_index),
-            image_positional_embeddings=positional,
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-            high_resolution_features=[feat_s0.index_select(0, image_index), feat_s1.index_select(0, image_index)],
-        )
-        # Drop the point-batch axis of one prompt set per entry.
-        return masks[:, 0], iou_scores[:, 0], object_score_logits[:, 0]

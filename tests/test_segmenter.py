@@ -95,7 +95,9 @@ def test_errors(tiny_model, tiny_batch):
 
 
 def test_decoder_gradients_match_sam2model_forward(tiny_model):
-    """The training forward (GEMM 1x1 projections, `index_select` gathers) back-propagates like `Sam2Model`."""
+    """The training forward (GEMM projections, token layouts, `index_select` gathers) back-propagates like
+    `Sam2Model`: to float rounding of each gradient's scale, plus a floor for the small ones (key biases have no true
+    gradient at all: the softmax ignores them)."""
     pixel_values = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(2))
     boxes = torch.tensor([[[10.0, 20, 100, 120], [50, 50, 200, 210]], [[5.0, 6, 70, 80], [100, 100, 250, 250]]])
     weights = torch.randn(2, 2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
@@ -114,7 +116,8 @@ def test_decoder_gradients_match_sam2model_forward(tiny_model):
     ours = gradients((ours.mask_logits * weights.reshape(4, 3, 64, 64)).sum())
     assert {"conv_s0.weight", "conv_s1.weight", "upscale_conv1.weight"} <= ours.keys() == reference.keys()
     for name, grad in ours.items():
-        torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-5, msg=name)
+        atol = 2e-5 * reference[name].abs().max().item() + 2e-6
+        torch.testing.assert_close(grad, reference[name], rtol=0, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
