@@ -101,7 +101,9 @@ class TrainConfig:
     cache_views: int = _help("With pixel-changing augmentation, augmented views cached per image (draws repeat every N epochs).", default=4)
     cache_dir: str | None = _help("Keep the feature cache on disk (safetensors) instead of in memory.", default=None)
     gradient_checkpointing: bool = _help("Recompute activations in backward: the trainable Hiera blocks (windowed ones in strips) and the mask decoder, one object at a time. Less memory, about a third more encoder compute and one more decoder forward.", default=False)
-    compile: bool = _help("torch.compile the mask decoder's two-way transformer (needs a C++ compiler on CPU).", default=False)
+    checkpoint_strips: int = _help("With gradient_checkpointing: horizontal strips per windowed Hiera block, each its own checkpoint (1 = whole blocks); more strips hold less at once in backward.", default=4)
+    objects_per_checkpoint: int = _help("With gradient_checkpointing: objects per mask-decoder checkpoint; more run the decoder in bigger batches (fewer, larger GPU kernels) and hold more at once in backward.", default=1)
+    compile: bool = _help("torch.compile the mask decoder (needs a C++ compiler on CPU).", default=False)
 
     # Evaluation, checkpoints, logging
     eval_steps: int | None = _help("Validate every N optimiser steps; default once per epoch.", default=None)
@@ -137,7 +139,8 @@ class TrainConfig:
         for name in ("eval_steps", "checkpoint_steps", "early_stopping_patience"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"`--{name}` must be at least 1 (or unset), got {getattr(self, name)}.")
-        for name in ("max_nonfinite_steps", "cache_views", "checkpoint_total_limit"):
+        for name in ("max_nonfinite_steps", "cache_views", "checkpoint_total_limit", "checkpoint_strips",
+                     "objects_per_checkpoint"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`--{name}` must be at least 1, got {getattr(self, name)}.")
         if self.checkpoint_total_limit < 2:

@@ -29,7 +29,7 @@ from sam2_peft.caching import plan_cache, preprocessing_key
 from sam2_peft.config import TrainConfig
 from sam2_peft.data import AugmentConfig, Preprocessor, PromptConfig, SegmentationDataset, collate_objects, load_source
 from sam2_peft.hub import atomic_file, save_adapter
-from sam2_peft.memory import compile_trainable, enable_gradient_checkpointing
+from sam2_peft.memory import enable_gradient_checkpointing
 from sam2_peft.models import load_sam2, model_fingerprint
 from sam2_peft.strategies import apply_strategy, trainable_summary
 from sam2_peft.training import (
@@ -123,12 +123,14 @@ def _run(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:
         logger.info("Trainable parameters (%s):\n%s", cfg.strategy, trainable_summary(model))
     if cfg.gradient_checkpointing:
-        blocks = enable_gradient_checkpointing(model) - 1
-        accelerator.print(f"Gradient checkpointing: {blocks} Hiera blocks (windowed ones in strips) and the mask "
-                          "decoder (one object per checkpoint).")
-    if cfg.compile:
-        compile_trainable(model)
+        blocks = enable_gradient_checkpointing(
+            model, strips=cfg.checkpoint_strips, objects_per_checkpoint=cfg.objects_per_checkpoint
+        ) - 1
+        accelerator.print(f"Gradient checkpointing: {blocks} Hiera blocks (windowed ones in {cfg.checkpoint_strips} "
+                          f"strip(s)) and the mask decoder ({cfg.objects_per_checkpoint} object(s) per checkpoint).")
     module = InteractiveSegmenter(model)
+    if cfg.compile:
+        module.segmenter.compile_decoder()
 
     preprocessor = Preprocessor.from_model(model)
     common = dict(

@@ -1,8 +1,7 @@
-"""Memory and speed switches for training: activation checkpointing, `torch.compile` of the decoder's transformer.
+"""Activation checkpointing for training: recompute activations in backward instead of storing them.
 
     model = apply_strategy(load_sam2("tiny-random"), "lora")
-    enable_gradient_checkpointing(model)        # --gradient_checkpointing: recompute activations in backward
-    compile_trainable(model)                    # --compile: compile the decoder's transformer in place
+    enable_gradient_checkpointing(model)        # --gradient_checkpointing
 
 `Sam2Model` does not support `gradient_checkpointing_enable()`, but its Hiera blocks are transformers'
 `GradientCheckpointingLayer`s: with `gradient_checkpointing = True` and a `_gradient_checkpointing_func` set, a block
@@ -173,24 +172,3 @@ def disable_gradient_checkpointing(model: nn.Module) -> None:
 def is_gradient_checkpointing(model: nn.Module) -> bool:
     """Whether any Hiera block or the mask decoder is checkpointed."""
     return any(getattr(module, "gradient_checkpointing", False) for module in checkpointable_modules(model))
-
-
-def compile_trainable(model: nn.Module, **compile_options) -> list[str]:
-    """Compile the mask decoder's two-way transformer in place with `torch.compile`, keeping parameter names.
-
-    The decoder is what trains in every strategy and what runs on every step once image features are cached;
-    `Sam2Segmenter` runs it through `mask_decoder.decode_masks`, whose many small kernels (attention, norms, MLPs)
-    sit in the two-way transformer (the rest is a few large GEMMs). Compiling in place (`nn.Module.compile`, rather
-    than `torch.compile(module)`, which wraps it in an `_orig_mod`) leaves state-dict keys, PEFT adapters and
-    checkpoints unchanged. The number of objects per batch varies, so the first steps recompile once with dynamic
-    shapes. Needs a C++ compiler on CPU (inductor); pass `backend="eager"` to test the plumbing without one.
-
-    Args:
-        model: a `Sam2Model` or the PeftModel from `apply_strategy`.
-        **compile_options: passed to `torch.compile` (`mode="max-autotune"`, `backend=`, `dynamic=`...).
-
-    Returns:
-        Names of the compiled modules.
-    """
-    base_sam2(model).mask_decoder.transformer.compile(**compile_options)
-    return ["mask_decoder.transformer"]

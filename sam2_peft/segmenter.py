@@ -147,6 +147,20 @@ class Sam2Segmenter(nn.Module):
         super().__init__()
         base_sam2(model)
         self.model = model
+        self._decode = decode_masks
+
+    def compile_decoder(self, **compile_options) -> None:
+        """Run the mask decoder (`mask_decoder.decode_masks`) through `torch.compile`.
+
+        The decoder trains in every strategy and runs on every step, once per object, as many small kernels (the
+        encoder's cost is in large GEMMs). The weights are untouched, so state-dict keys, PEFT adapters and
+        checkpoints stay as they are. The number of objects varies between batches, so the first steps recompile
+        once with dynamic shapes. Needs a C++ compiler on CPU (inductor); `backend="eager"` tests the plumbing.
+
+        Args:
+            **compile_options: passed to `torch.compile` (`mode="max-autotune"`, `backend=`, `dynamic=`...).
+        """
+        self._decode = torch.compile(decode_masks, **compile_options)
 
     @property
     def sam(self) -> Sam2Model:
@@ -197,7 +211,7 @@ class Sam2Segmenter(nn.Module):
         feat_s0, feat_s1, embeddings = image_features
         # The decoder's own 1x1 projections of the high-resolution levels: they train with the decoder.
         feat_s0, feat_s1 = pointwise_conv(decoder.conv_s0, feat_s0), pointwise_conv(decoder.conv_s1, feat_s1)
-        images = decoder_images(sam, feat_s0, feat_s1, embeddings)
+        images = decoder_images(sam, feat_s0, feat_s1, embeddings, mask_prompts=mask_inputs is not None)
 
         num_objects = image_index.shape[0]
         sparse, dense = sam.prompt_encoder(
@@ -206,13 +220,13 @@ class Sam2Segmenter(nn.Module):
             input_boxes=None,
             input_masks=mask_inputs,
         )
-        if dense.shape[0] != num_objects:
-            dense = dense.expand(num_objects, -1, -1, -1)
-        objects = (image_index.to(feat_s0.device), sparse, dense)
-        decode = partial(decode_masks, sam, grid=tuple(embeddings.shape[-2:]), multimask_output=multimask_output)
+        objects = [image_index.to(feat_s0.device), sparse]
+        if images.first_layer is None:  # else the no-mask embedding is in `images` already
+            objects.append(dense.expand(num_objects, -1, -1, -1) if dense.shape[0] != num_objects else dense)
+        decode = partial(self._decode, sam, grid=tuple(embeddings.shape[-2:]), multimask_output=multimask_output)
         # `memory.enable_gradient_checkpointing` marks the decoder like transformers' checkpointed layers.
         if getattr(decoder, "gradient_checkpointing", False) and decoder.training and torch.is_grad_enabled():
-            masks, iou_scores, object_score_logits = decoder._gradient_checkpointing_func(decode, images, objects)
+            masks, iou_scores, object_score_logits = decoder._gradient_checkpointing_func(decode, [images], objects)
         else:
-            masks, iou_scores, object_score_logits = decode(*images, *objects)
+            masks, iou_scores, object_score_logits = decode(images, *objects)
         return SegmenterOutput(masks, iou_scores, object_score_logits)

@@ -79,7 +79,8 @@ def reference_decode(sam, feat_s0, feat_s1, embeddings, image_index, sparse, den
 
 def decoder_inputs(sam, image_index, masks: bool):
     """Random FPN-like maps for `image_index.max() + 1` images, prompt embeddings for each object, and the leaf
-    tensors of all of them."""
+    tensors among them. Without mask prompts `dense` is the no-mask embedding broadcast to every object and pixel
+    (stride 0), as the prompt encoder returns it."""
     generator = torch.Generator().manual_seed(int(image_index.numel()))
     images = int(image_index.max()) + 1
     feat_s0 = torch.randn(images, 8, 64, 64, generator=generator, requires_grad=True)
@@ -88,26 +89,34 @@ def decoder_inputs(sam, image_index, masks: bool):
     count = image_index.shape[0]
     boxes = torch.rand(count, 2, 2, generator=generator).sort(dim=1).values.reshape(-1, 4) * 256
     coords, labels = combine_prompts(boxes=boxes)
-    mask_inputs = torch.randn(count, 1, 64, 64, generator=generator) if masks else None
     with torch.no_grad():
-        sparse, dense = sam.prompt_encoder(coords[:, None], labels[:, None], None, mask_inputs)
-    # Without mask prompts `dense` is one embedding broadcast to every object and pixel (stride 0), as in training.
-    source = (dense if masks else dense[:1, :, :1, :1]).detach().clone().requires_grad_()
+        sparse, dense = sam.prompt_encoder(coords[:, None], labels[:, None], None, None)
     sparse = sparse.detach().requires_grad_()
-    leaves = [feat_s0, feat_s1, embeddings, sparse, source]
-    return feat_s0, feat_s1, embeddings, sparse, source.expand(count, -1, *GRID), leaves
+    leaves = [feat_s0, feat_s1, embeddings, sparse]
+    if masks:
+        dense = torch.randn(count, 64, *GRID, generator=generator, requires_grad=True)
+        leaves.append(dense)
+    else:
+        dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(count, -1, *GRID)
+    return feat_s0, feat_s1, embeddings, sparse, dense, leaves
 
 
 @pytest.mark.parametrize("image_index", [[0, 0, 0], [1, 0, 1, 2]], ids=["one image", "three images"])
 @pytest.mark.parametrize("multimask_output, training", [(True, True), (False, True), (False, False)])
-@pytest.mark.parametrize("masks", [False, True], ids=["no mask prompt", "mask prompts"])
-def test_decode_masks_is_transformers_decoder(image_index, multimask_output, training, masks):
-    """Outputs and gradients (weights and all inputs) of `Sam2MaskDecoder.forward`; one image takes the broadcast
-    path, several `index_select`; outside training, one mask is chosen by stability, as transformers does."""
+@pytest.mark.parametrize("path", ["shared first layer", "hooked first layer", "mask prompts"])
+def test_decode_masks_is_transformers_decoder(image_index, multimask_output, training, path):
+    """Outputs and gradients (weights and all inputs) of `Sam2MaskDecoder.forward`. Without mask prompts the first
+    layer's image side is made once per image, unless that layer has hooks (an FSDP unit's, here any hook), which
+    must see it called; with mask prompts everything is per object. One image takes the broadcast path, several
+    `index_select`; outside training, one mask is chosen by stability, as transformers does."""
     sam = load_sam2("tiny-random").train(training)
     sam.mask_decoder.dynamic_multimask_via_stability = True
+    sam.prompt_encoder.requires_grad_(True)
+    calls = []
+    if path == "hooked first layer":
+        sam.mask_decoder.transformer.layers[0].register_forward_pre_hook(lambda *args: calls.append(1))
     image_index = torch.tensor(image_index)
-    feat_s0, feat_s1, embeddings, sparse, dense, inputs = decoder_inputs(sam, image_index, masks)
+    feat_s0, feat_s1, embeddings, sparse, dense, inputs = decoder_inputs(sam, image_index, path == "mask prompts")
     weights = None
 
     def run(decode):
@@ -127,19 +136,34 @@ def test_decode_masks_is_transformers_decoder(image_index, multimask_output, tra
     expected, expected_grads = run(
         lambda: reference_decode(sam, feat_s0, feat_s1, embeddings, image_index, sparse, dense, multimask_output)
     )
-    images = decoder_images(sam, feat_s0, feat_s1, embeddings)
-    outputs, grads = run(lambda: decode_masks(sam, *images, image_index, sparse, dense, grid=GRID,
+    images = decoder_images(sam, feat_s0, feat_s1, embeddings, mask_prompts=path == "mask prompts")
+    assert (images.first_layer is not None) == (path == "shared first layer")
+    own_dense = None if path == "shared first layer" else dense
+    calls.clear()
+    outputs, grads = run(lambda: decode_masks(sam, images, image_index, sparse, own_dense, grid=GRID,
                                               multimask_output=multimask_output))
+    assert len(calls) == (path == "hooked first layer")
     masks_per_object = 3 if multimask_output else 1
     assert outputs[0].shape == (len(image_index), masks_per_object, 64, 64)
     for ours, theirs, name in zip(outputs, expected, ["masks", "iou_scores", "object_score_logits"], strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=name)
     # The same parameters get gradients (also the unused mask tokens' MLPs: zeros, as in transformers, so that DDP
-    # sees every parameter used), and the gradients agree to float rounding of their scale.
-    assert grads.keys() == expected_grads.keys() and {f"input{i}" for i in range(5)} <= grads.keys()
+    # sees every parameter used; and the no-mask embedding), and the gradients agree to float rounding of their scale.
+    assert grads.keys() == expected_grads.keys() and {f"input{i}" for i in range(len(inputs))} <= grads.keys()
+    assert ("prompt_encoder.no_mask_embed.weight" in grads) == (path != "mask prompts")
     for name, grad in expected_grads.items():
         atol = 2e-5 * grad.abs().max().item() + 2e-6
         torch.testing.assert_close(grads[name], grad, rtol=0, atol=atol, msg=name)
+
+
+def test_decode_masks_wants_dense_exactly_without_a_shared_first_layer():
+    sam = load_sam2("tiny-random")
+    image_index = torch.tensor([0, 0])
+    feat_s0, feat_s1, embeddings, sparse, dense, _ = decoder_inputs(sam, image_index, masks=False)
+    for mask_prompts, given in [(False, dense), (True, None)]:
+        images = decoder_images(sam, feat_s0, feat_s1, embeddings, mask_prompts=mask_prompts)
+        with pytest.raises(ValueError, match="Pass `dense` exactly when `images` has no first layer"):
+            decode_masks(sam, images, image_index, sparse, given, grid=GRID)
 
 
 @pytest.mark.parametrize(
@@ -174,8 +198,8 @@ def test_bf16_autocast_stays_close_to_transformers_decoder():
     feat_s0, feat_s1, embeddings, sparse, dense, _ = decoder_inputs(sam, image_index, masks=False)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected = reference_decode(sam, feat_s0, feat_s1, embeddings, image_index, sparse, dense, True)
-        images = decoder_images(sam, feat_s0, feat_s1, embeddings)
-        outputs = decode_masks(sam, *images, image_index, sparse, dense, grid=GRID)
+        images = decoder_images(sam, feat_s0, feat_s1, embeddings, mask_prompts=False)
+        outputs = decode_masks(sam, images, image_index, sparse, grid=GRID)
     for ours, theirs in zip(outputs, expected, strict=True):
         assert ours.dtype == theirs.dtype
         scale = theirs.float().abs().max().item()

@@ -170,3 +170,24 @@ def test_fpn_maps_are_the_neck_without_position_encodings(tiny_model, path):
     assert grads.keys() == reference_grads.keys() and any(name.startswith("neck.convs") for name in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-5 * grad.abs().max().item())
+
+
+def test_compile_decoder_keeps_outputs_and_parameter_names(tiny_model, tiny_batch):
+    segmenter = Sam2Segmenter(tiny_model)
+    inputs = {key: value for key, value in tiny_batch.items() if key != "pixel_values"}
+    graphs = []
+
+    def eager_recording(graph, example_inputs):  # a dynamo backend that runs the captured graph as it is
+        graphs.append(graph)
+        return graph.forward
+
+    with torch.no_grad():
+        features = segmenter.encode_images(tiny_batch["pixel_values"])
+        reference = segmenter(image_features=features, **inputs)
+        names = list(tiny_model.state_dict())
+        # No inductor, so no C++ compiler is needed and the test stays fast.
+        segmenter.compile_decoder(backend=eager_recording)
+        compiled = segmenter(image_features=features, **inputs)
+    assert graphs  # the decoder ran compiled
+    assert list(tiny_model.state_dict()) == names
+    torch.testing.assert_close(compiled.mask_logits, reference.mask_logits, rtol=0, atol=1e-6)

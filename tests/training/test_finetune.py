@@ -116,6 +116,20 @@ def test_mixed_precision_follows_the_accelerate_config_unless_given(tmp_path, mo
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["mixed_precision"] == expected
 
 
+def test_gradient_checkpointing_flags_reach_the_model(tmp_path, monkeypatch, capsys):
+    calls = []
+    enable = finetune_module.enable_gradient_checkpointing
+    monkeypatch.setattr(finetune_module, "enable_gradient_checkpointing",
+                        lambda model, **options: calls.append(options) or enable(model, **options))
+    cfg = tiny_config(tmp_path, gradient_checkpointing=True, checkpoint_strips=2, objects_per_checkpoint=3,
+                      max_steps=1, eval_steps=1)
+    assert finetune(cfg)["steps"] == 1
+    assert calls == [{"strips": 2, "objects_per_checkpoint": 3}]
+    assert "the mask decoder (3 object(s) per checkpoint)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="`--objects_per_checkpoint` must be at least 1, got 0"):
+        tiny_config(tmp_path, objects_per_checkpoint=0)
+
+
 def test_feature_cache_encodes_each_view_once(tmp_path, monkeypatch):
     from sam2_peft.caching import FeatureCache
 
