@@ -100,7 +100,7 @@ class TrainConfig:
     cache_features: bool = _help("Cache what frozen encoder parts compute (decoder: all features; partial: the frozen blocks).", default=True)
     cache_views: int = _help("With pixel-changing augmentation, augmented views cached per image (draws repeat every N epochs).", default=4)
     cache_dir: str | None = _help("Keep the feature cache on disk (safetensors) instead of in memory.", default=None)
-    gradient_checkpointing: bool = _help("Recompute activations in backward: the trainable Hiera blocks (windowed ones in strips) and the mask decoder, one object at a time. Less memory, about a third more encoder compute and one more decoder forward.", default=False)
+    gradient_checkpointing: bool = _help("Recompute activations in backward: the trainable Hiera blocks (windowed ones in strips) and the mask decoder, objects_per_checkpoint objects at a time. Less memory, about a third more encoder compute and one more decoder forward.", default=False)
     checkpoint_strips: int = _help("With gradient_checkpointing: horizontal strips per windowed Hiera block, each its own checkpoint (1 = whole blocks); more strips hold less at once in backward.", default=4)
     objects_per_checkpoint: int = _help("With gradient_checkpointing: objects per mask-decoder checkpoint; more run the decoder in bigger batches (fewer, larger GPU kernels) and hold more at once in backward.", default=1)
     compile: bool = _help("torch.compile the mask decoder (needs a C++ compiler on CPU).", default=False)

@@ -12,13 +12,13 @@ on contiguous tokens, computes each transposed convolution as one GEMM whose out
 features in that order, and reorders only the masks themselves (objects x masks x pixels, not objects x 32 channels
 x pixels). Without mask prompts, every object of an image enters the first two-way layer with the same image
 tokens, so that layer's three image-side projections (a quarter of the decoder's GEMM work per object) run once per
-image. Outputs and gradients are those of `Sam2MaskDecoder.forward` up to float rounding (tests/test_mask_decoder.py).
+image (unless they draw dropout, which must differ per object). Outputs and gradients are those of
+`Sam2MaskDecoder.forward` up to float rounding (tests/test_mask_decoder.py). A decoder with hooks anywhere in it
+(accelerate's device hooks, an FSDP unit) must see its modules called, so it runs as transformers' own forward.
 At hiera-tiny, 1024 px, a cached decoder-strategy training step takes about 0.6 instead of 1.0 s with 4 objects,
 and 2.4 instead of 5.1 s with 16, on 2 CPU cores (sharing the first layer accounts for 10% and 15% of that).
 
-Sub-pixel order at level L of a grid of h x w tokens: pixel (row, col) of the (2^L h, 2^L w) map is token
-(i, j, a_1, b_1, ..., a_L, b_L) with row = 2^L i + 2^(L-1) a_1 + ... + a_L (col likewise with j and the b's), flattened
-in that order. Level 0 is the plain row-major token grid.
+Sub-pixel order and the GEMM layers are in `sam2_peft.layers`.
 """
 
 from __future__ import annotations
@@ -26,63 +26,18 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers.models.sam2.modeling_sam2 import Sam2LayerNorm, Sam2TwoWayAttentionBlock
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.sam2.modeling_sam2 import Sam2TwoWayAttentionBlock, eager_attention_forward
 
-
-def sub_pixel_order(maps: torch.Tensor, level: int) -> torch.Tensor:
-    """(B, C, 2^L h, 2^L w) maps -> (B, h * w * 4^L, C) tokens in sub-pixel order (a copy, unless L = 0 and the
-    maps are channels-last)."""
-    batch, channels, height, width = maps.shape
-    h, w = height >> level, width >> level
-    # (B, C, h, a_1..a_L, w, b_1..b_L) -> (B, h, w, a_1, b_1, ..., a_L, b_L, C)
-    split = maps.reshape(batch, channels, h, *[2] * level, w, *[2] * level)
-    rows, cols = list(range(3, 3 + level)), list(range(4 + level, 4 + 2 * level))
-    interleaved = [axis for pair in zip(rows, cols) for axis in pair]
-    return split.permute(0, 2, 3 + level, *interleaved, 1).reshape(batch, h * w * 4**level, channels)
-
-
-def from_sub_pixel_order(tokens: torch.Tensor, level: int, grid: tuple[int, int]) -> torch.Tensor:
-    """The inverse of `sub_pixel_order`: (B, h * w * 4^L, C) tokens -> (B, C, 2^L h, 2^L w) maps."""
-    batch, _, channels = tokens.shape
-    h, w = grid
-    split = tokens.reshape(batch, h, w, *[2] * (2 * level), channels)
-    rows, cols = list(range(3, 3 + 2 * level, 2)), list(range(4, 4 + 2 * level, 2))
-    maps = split.permute(0, 3 + 2 * level, 1, *rows, 2, *cols)
-    return maps.reshape(batch, channels, h << level, w << level)
-
-
-def _is_plain(module: nn.Module, cls: type) -> bool:
-    """`module` is exactly `cls` with no hooks of its own, so computing its function from its weights is safe (an
-    adapter wrapped around it, or accelerate's device hooks, must run: those modules are called instead)."""
-    return type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
-
-
-def transposed_conv_2x2(conv: nn.Module, tokens: torch.Tensor, level: int, grid: tuple[int, int]) -> torch.Tensor:
-    """`conv`, a `ConvTranspose2d(kernel_size=2, stride=2)`, on level-L sub-pixel tokens; level L + 1 tokens out.
-
-    Each input token's output is its 2x2 children, which in sub-pixel order follow each other: one GEMM,
-    (N, R, C_in) @ (C_in, 2 * 2 * C_out), viewed as (N, 4R, C_out). A convolution that is not plain is called on
-    the reordered map.
-    """
-    plain = _is_plain(conv, nn.ConvTranspose2d) and conv.kernel_size == conv.stride == (2, 2)
-    plain = plain and conv.padding == (0, 0) and conv.output_padding == (0, 0) and conv.dilation == (1, 1)
-    if not plain or conv.groups != 1:
-        return sub_pixel_order(conv(from_sub_pixel_order(tokens, level, grid)), level + 1)
-    batch, rows, _ = tokens.shape
-    out_channels = conv.out_channels
-    # (C_in, C_out, a, b) -> (a, b, C_out, C_in): output features ordered (a, b, C_out), as sub-pixel order needs
-    weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * out_channels, conv.in_channels)
-    bias = None if conv.bias is None else conv.bias.repeat(4)
-    return F.linear(tokens, weight, bias).view(batch, 4 * rows, out_channels)
-
-
-def channel_norm(norm: nn.Module, tokens: torch.Tensor, level: int, grid: tuple[int, int]) -> torch.Tensor:
-    """`norm`, a channels-first `Sam2LayerNorm`, on (N, R, C) tokens: a layer norm over their last axis."""
-    if not _is_plain(norm, Sam2LayerNorm):
-        return sub_pixel_order(norm(from_sub_pixel_order(tokens, level, grid)), level)
-    return F.layer_norm(tokens, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+from sam2_peft.layers import (
+    channel_norm,
+    from_sub_pixel_order,
+    has_hooks,
+    is_plain,
+    sub_pixel_order,
+    transposed_conv_2x2,
+)
 
 
 def gather_objects(tokens: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
@@ -107,7 +62,7 @@ class DecoderImages(NamedTuple):
             `first_layer`, plus the prompt encoder's no-mask embedding too.
         first_layer: without mask prompts, the image side of the first two-way layer, the same for every object of
             an image: its token-to-image keys and values and its image-to-token queries, (B, hw, C/2) each.
-            None when objects have mask prompts (their dense embeddings, and so that layer's input, differ).
+            None when it is made per object (see `decoder_images`).
     """
 
     feat_s0: torch.Tensor
@@ -127,16 +82,19 @@ def decoder_images(
             (B, C/8, 4h, 4w) and (B, C/4, 2h, 2w).
         embeddings: the lowest FPN level, (B, C, h, w).
         mask_prompts: whether the objects come with mask prompts. Without, the first two-way layer's image-side
-            projections are made here, once per image, instead of once per object (unless that layer has hooks of
-            its own, e.g. as an FSDP unit, which must see it called).
+            projections are made here, once per image, unless they are adapter layers in training (whose dropout
+            must be drawn per object) or the decoder has hooks (see `decode_masks`).
     """
     tokens = embeddings.flatten(2).transpose(1, 2).contiguous() + sam.no_memory_embedding
     first_layer = None
     layer = sam.mask_decoder.transformer.layers[0]
-    if not mask_prompts and _is_plain(layer, Sam2TwoWayAttentionBlock):
+    token_to_image, image_to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+    projections = (token_to_image.k_proj, token_to_image.v_proj, image_to_token.q_proj)
+    shared = not mask_prompts and type(layer) is Sam2TwoWayAttentionBlock and layer.skip_first_layer_pe
+    shared = shared and all(type(module) is nn.Linear or not module.training for module in projections)
+    if shared and not _decoder_has_hooks(sam):
         tokens = tokens + sam.prompt_encoder.no_mask_embed.weight
         keys = tokens + positional_tokens(sam)
-        token_to_image, image_to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
         first_layer = (token_to_image.k_proj(keys), token_to_image.v_proj(tokens), image_to_token.q_proj(keys))
     return DecoderImages(sub_pixel_order(feat_s0, 2), sub_pixel_order(feat_s1, 1), tokens, first_layer)
 
@@ -153,22 +111,37 @@ def decode_masks(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`sam.mask_decoder` for N objects, each with one prompt set, on `decoder_images` of their B images.
 
+    The decoder's modules are called one by one, so hooks on the decoder itself, or on its transformer and layers,
+    would not run: a decoder with hooks in any of its modules runs as transformers' `Sam2MaskDecoder.forward`.
+
     Args:
         sam: the `Sam2Model` (inside the PeftModel, if any: adapter layers in the decoder run as they are).
         images: `decoder_images` of the B images.
         image_index: (N,) the image of each object, in [0, B).
         sparse: (N, 1, K, C) sparse prompt embeddings (the prompt encoder's).
-        dense: (N, C, h, w) dense prompt embeddings when `images.first_layer` is None (mask prompts); else None,
-            as the no-mask embedding is in `images` already.
+        dense: (N, C, h, w) dense prompt embeddings when `images.first_layer` is None; else None (the no-mask
+            embedding is in `images` already).
         grid: (h, w), the image tokens' grid.
         multimask_output: three masks per object, or one (chosen by stability outside training, as transformers).
 
     Returns:
         (N, M, 4h, 4w) mask logits, (N, M) IoU predictions, (N, 1) object-score logits; M = 3 or 1.
+
+    Example:
+        >>> images = decoder_images(sam, feat_s0, feat_s1, embeddings, mask_prompts=False)
+        >>> masks, iou_scores, object_scores = decode_masks(sam, images, torch.tensor([0, 0]), sparse, grid=(64, 64))
+        >>> masks.shape
+        torch.Size([2, 3, 256, 256])
     """
     if (dense is None) == (images.first_layer is None):
-        raise ValueError("Pass `dense` exactly when `images` has no first layer (decoder_images(mask_prompts=True)).")
+        raise ValueError(
+            f"decode_masks got dense={'None' if dense is None else tuple(dense.shape)} with images.first_layer "
+            f"{'None' if images.first_layer is None else 'set'}: pass `dense` exactly when `images.first_layer` is "
+            "None (decoder_images(..., mask_prompts=True), or a decoder that cannot share it)."
+        )
     decoder = sam.mask_decoder
+    if _decoder_has_hooks(sam):
+        return _hooked_decode(sam, images, image_index, sparse, dense, grid, multimask_output)
     count = image_index.shape[0]
     output_tokens = torch.cat([decoder.obj_score_token.weight, decoder.iou_token.weight, decoder.mask_tokens.weight])
     point_embeddings = torch.cat([output_tokens.expand(count, 1, -1, -1), sparse], dim=2)
@@ -207,6 +180,26 @@ def decode_masks(
     return masks, iou_scores[:, chosen], object_score_logits
 
 
+def _decoder_has_hooks(sam: nn.Module) -> bool:
+    return any(has_hooks(module) for module in sam.mask_decoder.modules())
+
+
+def _hooked_decode(sam, images, image_index, sparse, dense, grid, multimask_output):
+    """transformers' `Sam2MaskDecoder.forward` on per-object maps, for a decoder whose hooks must run."""
+    maps = [from_sub_pixel_order(tokens, level, grid) for tokens, level in zip(images[:3], (2, 1, 0))]
+    feat_s0, feat_s1, embeddings = (levels.index_select(0, image_index) for levels in maps)
+    positional = sam.get_image_wide_positional_embeddings().expand(image_index.shape[0], -1, -1, -1)
+    masks, iou_scores, _, object_score_logits = sam.mask_decoder(
+        image_embeddings=embeddings,
+        image_positional_embeddings=positional,
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask_output,
+        high_resolution_features=[feat_s0, feat_s1],
+    )
+    return masks[:, 0], iou_scores[:, 0], object_score_logits[:, 0]  # one prompt set per decoder batch entry
+
+
 def _two_way_transformer(
     transformer: nn.Module,
     point_embeddings: torch.Tensor,
@@ -216,8 +209,8 @@ def _two_way_transformer(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`Sam2TwoWayTransformer.forward` whose first layer takes its image side from `images.first_layer`.
 
-    The first layer follows `Sam2TwoWayAttentionBlock.forward` with `skip_first_layer_pe` (as in every SAM2) and
-    attends with SDPA; the later layers and the final attention are transformers' modules.
+    The first layer follows `Sam2TwoWayAttentionBlock.forward` with `skip_first_layer_pe` (as in every SAM2); the
+    later layers and the final attention are transformers' modules.
 
     Returns:
         (N, 1, T, C) queries and (N, 1, hw, C) keys, as the transformer.
@@ -245,12 +238,14 @@ def _two_way_transformer(
 
 
 def _attend(attention: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """`Sam2Attention.forward` after its q/k/v projections: (N, L, D) projected queries, (N, S, D) keys and values
-    in, (N, L, C) out (through `o_proj`)."""
+    """`Sam2Attention.forward` after its q/k/v projections, with the attention implementation its config names:
+    (N, L, D) projected queries, (N, S, D) keys and values in, (N, L, C) out (through `o_proj`)."""
     heads = attention.num_attention_heads
 
     def split(states: torch.Tensor) -> torch.Tensor:
         return states.unflatten(-1, (heads, -1)).transpose(1, 2)  # (N, L, D) -> (N, heads, L, D / heads)
 
-    attended = F.scaled_dot_product_attention(split(query), split(key), split(value), scale=attention.scaling)
-    return attention.o_proj(attended.transpose(1, 2).flatten(2))
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
+    attended, _ = interface(attention, split(query), split(key), split(value), attention_mask=None, dropout=0.0,
+                            scaling=attention.scaling, is_causal=attention.is_causal)
+    return attention.o_proj(attended.flatten(2))  # the interface returns (N, L, heads, D / heads)

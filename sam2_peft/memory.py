@@ -8,9 +8,10 @@
 in training mode with autograd on runs its `forward` through that function. Submodules, and so PEFT's adapter
 layers and their hooks, stay inside the recomputed region, so it works on PEFT-wrapped models too; a block's own
 hooks (FSDP2's) run once, outside. The mask decoder gets the same two attributes, which `Sam2Segmenter` honours: it
-runs the decoder one object at a time, each its own checkpoint, so the decoder's submodules run a number of times
-that depends on the batch; under FSDP keep them out of their own units (`recipes/accelerate/fsdp.yaml` leaves the
-decoder in the root unit), or the processes' all-gathers fall out of step. bf16 autocast needs nothing here: the
+runs the decoder `objects_per_checkpoint` objects at a time, each group its own checkpoint, so the decoder's
+submodules run a number of times that depends on the batch; under FSDP keep them out of their own units
+(`recipes/accelerate/fsdp.yaml` leaves the decoder in the root unit), or the processes' all-gathers fall out of step
+(and a decoder with hooks runs as transformers' slower forward, see `mask_decoder.decode_masks`). bf16 autocast needs nothing here: the
 training loop runs the forward under `accelerator.autocast()`, and non-reentrant checkpointing replays each region
 under the same autocast state.
 """
@@ -50,8 +51,8 @@ def enable_gradient_checkpointing(
             checkpoints every block. A block's recompute costs about a third of its forward and backward.
         decoder: also checkpoint the mask decoder, `objects_per_checkpoint` objects at a time
             (`checkpoint_per_object`), in `Sam2Segmenter` (a direct `Sam2Model.forward` does not). The decoder
-            runs once per object and stores about 80 MB per object at 1024 px (per-object copies of the image maps,
-            the two-way layers, the upscaling); checkpointed, the forward keeps only each object's prompts and
+            runs once per object and stores about 70 MB per object at 1024 px (the two-way layers' image tokens, the
+            upscaling's 4x and 16x larger maps); checkpointed, the forward keeps only each object's prompts and
             outputs, and the backward holds one checkpoint's activations at a time. The recompute adds one decoder
             forward.
         strips: run each windowed Hiera block as up to this many horizontal strips of whole windows, each its own
@@ -131,7 +132,7 @@ def checkpoint_in_strips(
 
 def checkpoint_per_object(
     function: Callable[..., tuple[torch.Tensor, ...]],
-    images: Sequence[torch.Tensor],
+    images: Sequence,
     objects: Sequence[torch.Tensor],
     *,
     objects_per_checkpoint: int = 1,
@@ -144,7 +145,7 @@ def checkpoint_per_object(
 
     Args:
         function: returns a tuple of tensors whose first dimension is the objects'.
-        images: per-image inputs, passed whole to every group.
+        images: per-image inputs (tensors, or structures of them), passed whole to every group.
         objects: per-object inputs, split along their first dimension.
         objects_per_checkpoint: the group size.
     """

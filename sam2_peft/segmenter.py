@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Sam2Model
 
+from sam2_peft.layers import pointwise_conv
 from sam2_peft.mask_decoder import decode_masks, decoder_images
 
 # Point labels of the SAM2 prompt encoder. A box is encoded as its two corners (labels 2 and 3), exactly as the
@@ -80,29 +81,6 @@ def base_sam2(model: nn.Module) -> Sam2Model:
     if not isinstance(base, Sam2Model):
         raise TypeError(f"Expected a Sam2Model or a PeftModel around one, got {type(base).__name__}.")
     return base
-
-
-def pointwise_conv(conv: nn.Module, features: torch.Tensor) -> torch.Tensor:
-    """`conv(features)`, computed as a matrix product over channels when `conv` is a plain 1x1 `nn.Conv2d`.
-
-    On CPU, oneDNN's 1x1 convolution backward takes about three times as long as the equivalent GEMM, and it
-    allocates a full-size copy of the incoming gradient (64 MB for the neck's 256-channel S/4 level at 1024 px).
-    Channels-first maps go through `baddbmm`; channels-last ones (the neck's S/8 and S/16 inputs: Hiera's
-    (B, H, W, C) tokens, permuted) through `F.linear` on their (B, H, W, C) view, so neither input is copied, and
-    the output keeps the input's layout. Anything else (an adapter layer around the convolution, say), and a
-    convolution with forward hooks of its own (accelerate's device hooks, say), is simply called.
-    """
-    plain = type(conv) is nn.Conv2d and conv.kernel_size == conv.stride == (1, 1) and conv.padding == (0, 0)
-    if not plain or conv.groups != 1 or conv._forward_hooks or conv._forward_pre_hooks:
-        return conv(features)
-    weight = conv.weight.flatten(1)  # (out, in)
-    if not features.is_contiguous() and features.is_contiguous(memory_format=torch.channels_last):
-        return F.linear(features.permute(0, 2, 3, 1), weight, conv.bias).permute(0, 3, 1, 2)
-    batch, channels, height, width = features.shape
-    flat = features.flatten(2)
-    weight = weight.unsqueeze(0).expand(batch, -1, -1)
-    out = torch.bmm(weight, flat) if conv.bias is None else torch.baddbmm(conv.bias.view(1, -1, 1), weight, flat)
-    return out.view(batch, conv.out_channels, height, width)
 
 
 def fpn_maps(vision_encoder: nn.Module, stage_outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -209,6 +187,12 @@ class Sam2Segmenter(nn.Module):
         sam = self.sam
         decoder = sam.mask_decoder
         feat_s0, feat_s1, embeddings = image_features
+        num_images = embeddings.shape[0]
+        if image_index.numel() and not 0 <= int(image_index.min()) <= int(image_index.max()) < num_images:
+            raise ValueError(
+                f"image_index has values from {int(image_index.min())} to {int(image_index.max())}, outside "
+                f"[0, {num_images}): each object's image_index is its image's row in pixel_values/image_features."
+            )
         # The decoder's own 1x1 projections of the high-resolution levels: they train with the decoder.
         feat_s0, feat_s1 = pointwise_conv(decoder.conv_s0, feat_s0), pointwise_conv(decoder.conv_s1, feat_s1)
         images = decoder_images(sam, feat_s0, feat_s1, embeddings, mask_prompts=mask_inputs is not None)

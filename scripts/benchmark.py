@@ -10,7 +10,8 @@ Everything runs in one process on random weights (offline). An "epoch" is `--ste
 - ours: `InteractiveSegmenter` with the feature cache (decoder) or prefix cache (partial), gradient checkpointing
   with `--gradient_checkpointing` (windowed blocks in `--checkpoint_strips` strips), a bf16-autocast forward with
   `--mixed_precision bf16` (as the training loop's `accelerator.autocast()`); cached strategies run two epochs and
-  report the second (the first fills the cache). Ratios are naive time / ours.
+  report the second (the first fills the cache). Ratios are naive time / ours, from steps run alternately (naive,
+  ours, naive, ...) so that drift in the machine's speed hits both alike.
 - memory: CUDA max allocated on GPU (in process); on CPU, where RSS never goes down, each strategy runs two steps
   in a subprocess and reports its peak RSS (VmHWM) minus the RSS before the model was built (weights + training
   memory), twice: with glibc's default heap, which keeps many freed blocks (what a plain process uses; it varies
@@ -156,22 +157,23 @@ def setup(args, strategy: str, mode: str):
 
 
 def run_strategy(args, strategy: str, batches: list[dict]) -> dict:
-    """Median step times of the naive loop and of ours (second epoch when cached)."""
-    step, _ = setup(args, strategy, "naive")
-    naive = [timed(lambda b=b: step(b), args) for b in batches]
-    step, cache = setup(args, strategy, "ours")
-    first = [timed(lambda b=b: step(b), args) for b in batches]
-    later = [timed(lambda b=b: step(b), args) for b in batches] if cache is not None else first
-    naive_s, ours_s = statistics.median(naive), statistics.median(later)
+    """Median step times of the naive loop and of ours, run alternately step by step so that drift in the machine's
+    speed hits both alike; a cached strategy first runs one epoch of ours to fill its cache (reported apart)."""
+    naive, _ = setup(args, strategy, "naive")
+    ours, cache = setup(args, strategy, "ours")
+    first = [timed(lambda b=b: ours(b), args) for b in batches] if cache is not None else None
+    pairs = [(timed(lambda b=b: naive(b), args), timed(lambda b=b: ours(b), args)) for b in batches]
+    naive_s, ours_s = statistics.median(n for n, _ in pairs), statistics.median(o for _, o in pairs)
+    first_s = statistics.median(first) if first is not None else ours_s
     return {
         "cache": cache.kind if cache is not None else None,
         "naive_step_s": naive_s,
-        "ours_first_epoch_step_s": statistics.median(first),
+        "ours_first_epoch_step_s": first_s,
         "ours_step_s": ours_s,
         "images_per_s": args.batch_size / ours_s,
         "naive_images_per_s": args.batch_size / naive_s,
         "speedup": naive_s / ours_s,
-        "speedup_first_epoch": naive_s / statistics.median(first),
+        "speedup_first_epoch": naive_s / first_s,
     }
 
 

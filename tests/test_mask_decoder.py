@@ -1,66 +1,12 @@
 import pytest
 import torch
-from torch import nn
-from transformers.models.sam2.modeling_sam2 import Sam2LayerNorm
 
-from sam2_peft.mask_decoder import (
-    channel_norm,
-    decode_masks,
-    decoder_images,
-    from_sub_pixel_order,
-    sub_pixel_order,
-    transposed_conv_2x2,
-)
+from sam2_peft.mask_decoder import decode_masks, decoder_images
 from sam2_peft.models import load_sam2
 from sam2_peft.segmenter import Sam2Segmenter, combine_prompts
 from sam2_peft.strategies import apply_strategy
 
 GRID = (16, 16)  # tiny-random's image tokens at 256 px
-
-
-def test_sub_pixel_order_puts_each_pixels_children_together():
-    maps = torch.arange(2 * 3 * 8 * 12, dtype=torch.float32).view(2, 3, 8, 12)
-    tokens = sub_pixel_order(maps, 2)  # a 2 x 3 grid, each token 4 x 4 pixels
-    assert tokens.shape == (2, 6 * 16, 3)
-    # token (i, j, a1, b1, a2, b2) is pixel (4i + 2a1 + a2, 4j + 2b1 + b2); its index is row-major over those.
-    i, j, a1, b1, a2, b2 = 1, 2, 1, 0, 0, 1
-    index = ((((i * 3 + j) * 2 + a1) * 2 + b1) * 2 + a2) * 2 + b2
-    torch.testing.assert_close(tokens[1, index], maps[1, :, 4 * i + 2 * a1 + a2, 4 * j + 2 * b1 + b2])
-    torch.testing.assert_close(sub_pixel_order(maps, 0), maps.flatten(2).transpose(1, 2))
-    for level in (0, 1, 2):
-        grid = (8 >> level, 12 >> level)
-        assert torch.equal(from_sub_pixel_order(sub_pixel_order(maps, level), level, grid), maps)
-
-
-@pytest.mark.parametrize("level", [0, 1])
-@pytest.mark.parametrize("bias", [True, False])
-def test_transposed_conv_2x2_is_the_convolution(level, bias):
-    conv = nn.ConvTranspose2d(8, 4, kernel_size=2, stride=2, bias=bias)
-    maps = torch.randn(3, 8, 4 << level, 6 << level, generator=torch.Generator().manual_seed(level))
-    tokens = transposed_conv_2x2(conv, sub_pixel_order(maps, level), level, (4, 6))
-    torch.testing.assert_close(from_sub_pixel_order(tokens, level + 1, (4, 6)), conv(maps), rtol=1e-5, atol=1e-6)
-
-
-def test_modules_that_are_not_plain_are_called():
-    """A hook (accelerate's device hooks, say) or an adapter around a module must run, so it is called on the map."""
-    maps = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(0))
-    conv = nn.ConvTranspose2d(8, 4, kernel_size=2, stride=2)
-    norm = Sam2LayerNorm(8, data_format="channels_first")  # the decoder's upscaling norm
-    with torch.no_grad():
-        norm.weight.normal_(generator=torch.Generator().manual_seed(1))
-    for module, call in [
-        (conv, lambda m, t: from_sub_pixel_order(transposed_conv_2x2(m, t, 1, (4, 4)), 2, (4, 4))),
-        (norm, lambda m, t: from_sub_pixel_order(channel_norm(m, t, 1, (4, 4)), 1, (4, 4))),
-    ]:
-        tokens = sub_pixel_order(maps, 1)
-        plain = call(module, tokens)
-        seen = []
-        handle = module.register_forward_hook(lambda *args: seen.append(1))
-        hooked = call(module, tokens)
-        handle.remove()
-        assert seen == [1]
-        torch.testing.assert_close(hooked, module(maps), rtol=0, atol=0)
-        torch.testing.assert_close(plain, hooked, rtol=1e-5, atol=1e-5)
 
 
 def reference_decode(sam, feat_s0, feat_s1, embeddings, image_index, sparse, dense, multimask_output):
@@ -103,18 +49,18 @@ def decoder_inputs(sam, image_index, masks: bool):
 
 @pytest.mark.parametrize("image_index", [[0, 0, 0], [1, 0, 1, 2]], ids=["one image", "three images"])
 @pytest.mark.parametrize("multimask_output, training", [(True, True), (False, True), (False, False)])
-@pytest.mark.parametrize("path", ["shared first layer", "hooked first layer", "mask prompts"])
+@pytest.mark.parametrize("path", ["shared first layer", "hooked decoder", "mask prompts"])
 def test_decode_masks_is_transformers_decoder(image_index, multimask_output, training, path):
     """Outputs and gradients (weights and all inputs) of `Sam2MaskDecoder.forward`. Without mask prompts the first
-    layer's image side is made once per image, unless that layer has hooks (an FSDP unit's, here any hook), which
-    must see it called; with mask prompts everything is per object. One image takes the broadcast path, several
-    `index_select`; outside training, one mask is chosen by stability, as transformers does."""
+    layer's image side is made once per image; with mask prompts everything is per object; a decoder with a hook
+    (accelerate's, an FSDP unit's; here any) runs as transformers' forward, so the hook runs. One image takes the
+    broadcast path, several `index_select`; outside training, one mask is chosen by stability, as transformers."""
     sam = load_sam2("tiny-random").train(training)
     sam.mask_decoder.dynamic_multimask_via_stability = True
     sam.prompt_encoder.requires_grad_(True)
     calls = []
-    if path == "hooked first layer":
-        sam.mask_decoder.transformer.layers[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    if path == "hooked decoder":
+        sam.mask_decoder.register_forward_pre_hook(lambda *args: calls.append(1))
     image_index = torch.tensor(image_index)
     feat_s0, feat_s1, embeddings, sparse, dense, inputs = decoder_inputs(sam, image_index, path == "mask prompts")
     weights = None
@@ -142,7 +88,7 @@ def test_decode_masks_is_transformers_decoder(image_index, multimask_output, tra
     calls.clear()
     outputs, grads = run(lambda: decode_masks(sam, images, image_index, sparse, own_dense, grid=GRID,
                                               multimask_output=multimask_output))
-    assert len(calls) == (path == "hooked first layer")
+    assert len(calls) == (path == "hooked decoder")
     masks_per_object = 3 if multimask_output else 1
     assert outputs[0].shape == (len(image_index), masks_per_object, 64, 64)
     for ours, theirs, name in zip(outputs, expected, ["masks", "iou_scores", "object_score_logits"], strict=True):
@@ -162,8 +108,20 @@ def test_decode_masks_wants_dense_exactly_without_a_shared_first_layer():
     feat_s0, feat_s1, embeddings, sparse, dense, _ = decoder_inputs(sam, image_index, masks=False)
     for mask_prompts, given in [(False, dense), (True, None)]:
         images = decoder_images(sam, feat_s0, feat_s1, embeddings, mask_prompts=mask_prompts)
-        with pytest.raises(ValueError, match="Pass `dense` exactly when `images` has no first layer"):
+        with pytest.raises(ValueError, match="pass `dense` exactly when `images.first_layer` is None"):
             decode_masks(sam, images, image_index, sparse, given, grid=GRID)
+
+
+def test_adapter_dropout_in_the_first_layer_is_drawn_per_object():
+    """LoRA dropout on the first layer's image-side projections must differ between objects, as in transformers:
+    in training they are not shared; in evaluation (no dropout) they are."""
+    model = apply_strategy(load_sam2("tiny-random"), "lora", targets="decoder.attn", dropout=0.1)
+    sam = model.get_base_model()
+    maps = [torch.randn(1, 8, 64, 64), torch.randn(1, 16, 32, 32), torch.randn(1, 64, *GRID)]
+    assert decoder_images(sam.train(), *maps, mask_prompts=False).first_layer is None
+    assert decoder_images(sam.eval(), *maps, mask_prompts=False).first_layer is not None
+    plain = load_sam2("tiny-random").train()  # no adapter: nothing random, shared in training too
+    assert decoder_images(plain, *maps, mask_prompts=False).first_layer is not None
 
 
 @pytest.mark.parametrize(

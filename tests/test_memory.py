@@ -181,7 +181,11 @@ def test_checkpointed_decoder_gives_the_same_outputs_and_gradients(strategy, opt
         if checkpointed:
             enable_gradient_checkpointing(model, objects_per_checkpoint=group)
         segmenter = Sam2Segmenter(model)
-        run = lambda *a, **k: decoder_runs.append(len(a[2])) or decode_masks(*a, **k)  # noqa: E731
+
+        def run(sam, images, image_index, *rest, **keywords):
+            decoder_runs.append(len(image_index))
+            return decode_masks(sam, images, image_index, *rest, **keywords)
+
         with mock.patch.object(segmenter, "_decode", run):
             out = segmenter(**tiny_batch, mask_inputs=mask_inputs)
             (out.mask_logits.square().mean() + out.iou_scores.sum() + out.object_score_logits.sum()).backward()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sam2_peft.caching import encode_from_prefix, encode_prefix
-from sam2_peft.segmenter import PADDING, Sam2Segmenter, combine_prompts, pointwise_conv
+from sam2_peft.segmenter import PADDING, Sam2Segmenter, combine_prompts
 
 
 def test_matches_sam2model_forward_for_boxes(tiny_model):
@@ -92,6 +92,9 @@ def test_errors(tiny_model, tiny_batch):
         combine_prompts(points=torch.zeros(2, 3, 2), point_labels=torch.zeros(2, 2))
     with pytest.raises(TypeError, match="Expected a Sam2Model"):
         Sam2Segmenter(torch.nn.Linear(2, 2))
+    one_image = {**tiny_batch, "pixel_values": tiny_batch["pixel_values"][:1]}  # objects of image 1 have no image
+    with pytest.raises(ValueError, match=r"image_index has values from 0 to 1, outside \[0, 1\)"):
+        segmenter(**one_image)
 
 
 def test_decoder_gradients_match_sam2model_forward(tiny_model):
@@ -118,25 +121,6 @@ def test_decoder_gradients_match_sam2model_forward(tiny_model):
     for name, grad in ours.items():
         atol = 2e-5 * reference[name].abs().max().item() + 2e-6
         torch.testing.assert_close(grad, reference[name], rtol=0, atol=atol, msg=name)
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_pointwise_conv_is_the_convolution_and_calls_anything_else(channels_last):
-    features = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(4))
-    if channels_last:  # what the neck reads: Hiera's (B, H, W, C) tokens, permuted
-        features = features.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-    conv = torch.nn.Conv2d(16, 4, 1)
-    out = pointwise_conv(conv, features)
-    torch.testing.assert_close(out, conv(features), rtol=1e-5, atol=1e-6)
-    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    no_bias = torch.nn.Conv2d(16, 4, 1, bias=False)
-    torch.testing.assert_close(pointwise_conv(no_bias, features), no_bias(features), rtol=1e-5, atol=1e-6)
-    wider = torch.nn.Conv2d(16, 4, 3, padding=1)  # not 1x1: called as it is
-    torch.testing.assert_close(pointwise_conv(wider, features), wider(features), rtol=0, atol=0)
-    seen = []
-    conv.register_forward_hook(lambda *args: seen.append(1))  # a hook of its own: called, so the hook runs
-    pointwise_conv(conv, features)
-    assert seen == [1]
 
 
 @pytest.mark.parametrize("path", ["encode_images", "encode_from_prefix"])
@@ -172,22 +156,31 @@ def test_fpn_maps_are_the_neck_without_position_encodings(tiny_model, path):
         torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-5 * grad.abs().max().item())
 
 
-def test_compile_decoder_keeps_outputs_and_parameter_names(tiny_model, tiny_batch):
+def test_compile_decoder_keeps_outputs_gradients_and_parameter_names(tiny_model, tiny_batch):
     segmenter = Sam2Segmenter(tiny_model)
     inputs = {key: value for key, value in tiny_batch.items() if key != "pixel_values"}
+    with torch.no_grad():
+        features = segmenter.encode_images(tiny_batch["pixel_values"])
     graphs = []
 
     def eager_recording(graph, example_inputs):  # a dynamo backend that runs the captured graph as it is
         graphs.append(graph)
         return graph.forward
 
-    with torch.no_grad():
-        features = segmenter.encode_images(tiny_batch["pixel_values"])
-        reference = segmenter(image_features=features, **inputs)
-        names = list(tiny_model.state_dict())
-        # No inductor, so no C++ compiler is needed and the test stays fast.
-        segmenter.compile_decoder(backend=eager_recording)
-        compiled = segmenter(image_features=features, **inputs)
+    def run():
+        tiny_model.zero_grad()
+        out = segmenter(image_features=features, **inputs)
+        out.mask_logits.square().mean().backward()
+        return out.mask_logits, {name: p.grad.clone() for name, p in tiny_model.named_parameters() if p.grad is not None}
+
+    reference, reference_grads = run()
+    names = list(tiny_model.state_dict())
+    # No inductor, so no C++ compiler is needed and the test stays fast.
+    segmenter.compile_decoder(backend=eager_recording)
+    compiled, grads = run()
     assert graphs  # the decoder ran compiled
     assert list(tiny_model.state_dict()) == names
-    torch.testing.assert_close(compiled.mask_logits, reference.mask_logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(compiled, reference, rtol=0, atol=1e-6)
+    assert grads.keys() == reference_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-5, atol=1e-7, msg=name)
