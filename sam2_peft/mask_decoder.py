@@ -16,7 +16,7 @@ image (unless they draw dropout, which must differ per object). Outputs and grad
 `Sam2MaskDecoder.forward` up to float rounding (tests/test_mask_decoder.py). A decoder with hooks anywhere in it
 (accelerate's device hooks, an FSDP unit) must see its modules called, so it runs as transformers' own forward.
 At hiera-tiny, 1024 px, a cached decoder-strategy training step takes about 0.6 instead of 1.0 s with 4 objects,
-and 2.4 instead of 5.1 s with 16, on 2 CPU cores (sharing the first layer accounts for 10% and 15% of that).
+and 2.3 instead of 5.1 s with 16, on 2 CPU cores (sharing the first layer accounts for 10% and 15% of that).
 
 Sub-pixel order and the GEMM layers are in `sam2_peft.layers`.
 """
