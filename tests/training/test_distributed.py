@@ -89,19 +89,30 @@ def test_fsdp_config_trains_the_full_recipe_like_one_process(tmp_path):
     # LoRA through the same FSDP path: PEFT layers inside the sharded blocks, the adapter gathered for saving.
     runs["fsdp-lora"] = [*runs["fsdp"], "--strategy", "lora"]
     runs["one-lora"] = [*runs["one"], "--strategy", "lora"]
-    for name, command in runs.items():
-        single_process = name.startswith("one")
-        done = subprocess.run([*command, *common, "--output_dir", str(tmp_path / name)], capture_output=True, text=True,
-                              timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"} if single_process else env)
-        assert done.returncode == 0, f"{name}: {done.stderr[-3000:]}"
-        checkpointed = "Gradient checkpointing: 8 Hiera blocks" in done.stdout + done.stderr
+    # Each sharded run keeps both cores busy; the two single-thread references run side by side.
+    outputs = {}
+    for group in (["fsdp-bf16"], ["fsdp"], ["fsdp-lora"], ["one", "one-lora"]):
+        started = {}
+        for name in group:
+            single_process = name.startswith("one")
+            with (tmp_path / f"{name}.out").open("w") as stdout, (tmp_path / f"{name}.err").open("w") as stderr:
+                started[name] = subprocess.Popen(
+                    [*runs[name], *common, "--output_dir", str(tmp_path / name)], stdout=stdout, stderr=stderr,
+                    env={**os.environ, "OMP_NUM_THREADS": "1"} if single_process else env,
+                )
+        for name, process in started.items():
+            returncode = process.wait(timeout=600)
+            outputs[name] = [(tmp_path / f"{name}.{stream}").read_text() for stream in ("out", "err")]
+            assert returncode == 0, f"{name}: {outputs[name][1][-3000:]}"
+    for name, (stdout, stderr) in outputs.items():
+        checkpointed = "Gradient checkpointing: 8 Hiera blocks" in stdout + stderr
         assert checkpointed == (name in ("fsdp", "fsdp-lora"))
-        if not single_process:  # the wrap policy: one unit per Hiera block, plus the root (with the decoder)
-            units = next(line for line in done.stdout.splitlines() if line.startswith("FSDP units:")).split()[-1]
+        if not name.startswith("one"):  # the wrap policy: one unit per Hiera block, plus the root (with the decoder)
+            units = next(line for line in stdout.splitlines() if line.startswith("FSDP units:")).split()[-1]
             counts = {unit: units.split(",").count(unit) for unit in set(units.split(","))}
             assert counts == {"FSDPSam2MultiScaleBlock": 8, "FSDPInteractiveSegmenter": 1}, counts
             dtype = "torch.bfloat16" if name == "fsdp-bf16" else "None"
-            assert f"FSDP parameter dtype: {dtype}" in done.stdout, done.stdout[-500:]
+            assert f"FSDP parameter dtype: {dtype}" in stdout, stdout[-500:]
 
     bf16 = json.loads((tmp_path / "fsdp-bf16" / "metrics.json").read_text())
     assert bf16["steps"] == 4 and bf16["nonfinite_steps"] == 0

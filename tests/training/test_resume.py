@@ -34,8 +34,11 @@ def run(command: list[str]) -> None:
 
 def test_killed_run_resumes_to_identical_weights(tmp_path):
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    run(train_command(reference))
-
+    # The reference runs alongside the interrupted run (their start-ups overlap); the thread count, which decides
+    # the order of sums, is the same either way.
+    log = tmp_path / "reference.log"
+    with log.open("w") as stderr:
+        uninterrupted = subprocess.Popen(train_command(reference), stdout=subprocess.DEVNULL, stderr=stderr)
     process = subprocess.Popen(train_command(interrupted), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second = interrupted / "checkpoints" / "checkpoint_1" / COMPLETE_MARKER
     deadline = time.monotonic() + 300
@@ -45,6 +48,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (interrupted / "final").exists()
+    assert uninterrupted.wait(timeout=600) == 0, log.read_text()[-3000:]
 
     run(train_command(interrupted, "--resume_from_checkpoint", "latest"))
     expected, resumed = final_tensors(reference), final_tensors(interrupted)
