@@ -98,7 +98,10 @@ def test_decode_masks_is_transformers_decoder(image_index, multimask_output, tra
     assert grads.keys() == expected_grads.keys() and {f"input{i}" for i in range(len(inputs))} <= grads.keys()
     assert ("prompt_encoder.no_mask_embed.weight" in grads) == (path != "mask prompts")
     for name, grad in expected_grads.items():
-        atol = 2e-5 * grad.abs().max().item() + 2e-6
+        # Softmax ignores a key bias: its true gradient is zero and both sides hold rounding noise (~1e-6, more or
+        # less by the thread count), judged at the scale of the same projection's weight gradient.
+        scale = expected_grads[name.removesuffix("bias") + "weight"] if name.endswith("k_proj.bias") else grad
+        atol = 2e-5 * scale.abs().max().item() + 2e-6
         torch.testing.assert_close(grads[name], grad, rtol=0, atol=atol, msg=name)
 
 

@@ -80,7 +80,9 @@ def test_checkpointing_under_bf16_autocast_gives_the_same_gradients():
     strips, _, checkpoints = encoder_gradients("full", 4, autocast=True)
     reference, _, _ = encoder_gradients("full", None)
     assert checkpoints == STRIPS[4]
-    assert relative_error(strips, reference) <= 1.1 * relative_error(plain, reference) < 0.2
+    # bf16 keeps 8 bits of mantissa: small gradients come out a few tenths off (0.18 with 2 threads, 0.24 with 1);
+    # a wrong gradient is off by 1 or more.
+    assert relative_error(strips, reference) <= 1.1 * relative_error(plain, reference) < 0.5
 
 
 def test_strips_are_whole_windows_from_the_top():
