@@ -158,11 +158,27 @@ class Sam2Segmenter(nn.Module):
         encoder = self.sam.vision_encoder
         return fpn_maps(encoder, encoder.backbone(pixel_values).intermediate_hidden_states)
 
+    def project(self, image_features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mask decoder's own 1x1 projections (`conv_s0`, `conv_s1`) of the two high-resolution FPN levels.
+
+        They train with the decoder, so a frozen-encoder cache stores the maps before them. Once projected, the
+        256-channel S/4 map (64 MB per image at 1024 px) is needed only to train `conv_s0`, so a caller that
+        projects and lets go of `image_features` frees it for the decoder's run (LoRA's peak). Several rounds of
+        prompts on the same images project once (`forward(decoder_features=...)`).
+
+        Returns:
+            (B, C/8, S/4, S/4), (B, C/4, S/8, S/8) and the unchanged (B, C, S/16, S/16) image embeddings.
+        """
+        decoder = self.sam.mask_decoder
+        feat_s0, feat_s1, embeddings = image_features
+        return pointwise_conv(decoder.conv_s0, feat_s0), pointwise_conv(decoder.conv_s1, feat_s1), embeddings
+
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         *,
-        image_features: list[torch.Tensor] | None = None,
+        image_features: Sequence[torch.Tensor] | None = None,
+        decoder_features: Sequence[torch.Tensor] | None = None,
         image_index: torch.Tensor,
         point_coords: torch.Tensor,
         point_labels: torch.Tensor,
@@ -172,29 +188,31 @@ class Sam2Segmenter(nn.Module):
         """Predict one set of masks per object.
 
         Args:
-            pixel_values: (B, 3, S, S) normalised images; or pass `image_features` from `encode_images` instead.
+            pixel_values: (B, 3, S, S) normalised images; or pass `image_features` from `encode_images` instead,
+                or `decoder_features` from `project`.
             image_features: the encoder output for the B images (e.g. from a cache).
+            decoder_features: `project(image_features)`.
             image_index: (N,) the image each object belongs to, values in [0, B).
             point_coords: (N, K, 2) prompt points in model-input pixels (see `combine_prompts`).
             point_labels: (N, K) their labels (1, 0, 2, 3 for box corners, -10 padding).
             mask_inputs: optional (N, 1, h, w) mask-logit prompts at the decoder's low resolution.
             multimask_output: three candidate masks per object (True) or one (False).
         """
-        if (pixel_values is None) == (image_features is None):
-            raise ValueError("Pass exactly one of `pixel_values` or `image_features`.")
-        if image_features is None:
-            image_features = self.encode_images(pixel_values)
+        if sum(images is not None for images in (pixel_values, image_features, decoder_features)) != 1:
+            raise ValueError("Pass exactly one of `pixel_values`, `image_features` or `decoder_features`.")
+        if pixel_values is not None:  # no reference kept to the encoded maps: see `project`
+            decoder_features = self.project(self.encode_images(pixel_values))
+        elif image_features is not None:
+            decoder_features = self.project(image_features)
         sam = self.sam
         decoder = sam.mask_decoder
-        feat_s0, feat_s1, embeddings = image_features
+        feat_s0, feat_s1, embeddings = decoder_features
         num_images = embeddings.shape[0]
         if image_index.numel() and not 0 <= int(image_index.min()) <= int(image_index.max()) < num_images:
             raise ValueError(
                 f"image_index has values from {int(image_index.min())} to {int(image_index.max())}, outside "
                 f"[0, {num_images}): each object's image_index is its image's row in pixel_values/image_features."
             )
-        # The decoder's own 1x1 projections of the high-resolution levels: they train with the decoder.
-        feat_s0, feat_s1 = pointwise_conv(decoder.conv_s0, feat_s0), pointwise_conv(decoder.conv_s1, feat_s1)
         images = decoder_images(sam, feat_s0, feat_s1, embeddings, mask_prompts=mask_inputs is not None)
 
         num_objects = image_index.shape[0]

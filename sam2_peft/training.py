@@ -54,13 +54,8 @@ class InteractiveSegmenter(nn.Module):
         `batch` may carry cached encoder output: `image_features` (the FPN maps) or `image_prefix` with
         `prefix_start_block` (the activations entering the first trainable Hiera block).
         """
-        features = batch.get("image_features")
-        if features is None and "image_prefix" in batch:
-            # The frozen blocks' activations came from a cache; the trainable blocks run here, inside forward.
-            vision_encoder = self.segmenter.sam.vision_encoder
-            features = encode_from_prefix(vision_encoder, batch["image_prefix"], batch["prefix_start_block"])
-        if features is None:
-            features = self.segmenter.encode_images(batch["pixel_values"])
+        # Projected once for all rounds; maps encoded here are then let go of (see `Sam2Segmenter.project`).
+        features = self.segmenter.project(self.image_features(batch))
         coords, labels = batch["point_coords"], batch["point_labels"]
         mask_inputs = batch.get("mask_inputs")
         outputs = []
@@ -76,7 +71,7 @@ class InteractiveSegmenter(nn.Module):
                 mask_inputs = previous[:, None]
             outputs.append(
                 self.segmenter(
-                    image_features=features,
+                    decoder_features=features,
                     image_index=batch["image_index"],
                     point_coords=coords,
                     point_labels=labels,
@@ -85,6 +80,16 @@ class InteractiveSegmenter(nn.Module):
                 )
             )
         return outputs
+
+    def image_features(self, batch: dict) -> list[torch.Tensor]:
+        """The FPN maps of the batch's images: cached, encoded from cached prefix activations, or encoded here."""
+        if batch.get("image_features") is not None:
+            return batch["image_features"]
+        if "image_prefix" in batch:
+            # The frozen blocks' activations came from a cache; the trainable blocks run here, inside forward.
+            vision_encoder = self.segmenter.sam.vision_encoder
+            return encode_from_prefix(vision_encoder, batch["image_prefix"], batch["prefix_start_block"])
+        return self.segmenter.encode_images(batch["pixel_values"])
 
 
 def best_mask_logits(output: SegmenterOutput) -> torch.Tensor:

@@ -234,10 +234,12 @@ def median_time(fn, args, repeats: int) -> float:
     return statistics.median(timed(fn, args) for _ in range(repeats))
 
 
-def paired_median_times(first, second, args, repeats: int) -> tuple[float, float]:
-    """Median times of two functions run alternately, so that drift in machine load hits both alike."""
+def paired_median_times(first, second, args, repeats: int) -> tuple[float, float, float]:
+    """Median times of two functions run alternately, so that drift in machine load hits both alike, and the median
+    of each pair's second / first (which a slow stretch of the machine, hitting one pair, barely moves)."""
     times = [(timed(first, args), timed(second, args)) for _ in range(repeats)]
-    return statistics.median(a for a, _ in times), statistics.median(b for _, b in times)
+    return (statistics.median(a for a, _ in times), statistics.median(b for _, b in times),
+            statistics.median(b / a for a, b in times))
 
 
 def run_inference(args) -> dict:
@@ -250,14 +252,18 @@ def run_inference(args) -> dict:
     torch.manual_seed(0)
     base = Sam2Model(build_config(args.config, args.image_size)).to(args.device).eval()
     forward = lambda m: m(pixel_values=batch["pixel_values"], input_boxes=batch["boxes"])  # noqa: E731
-    repeats = max(5, args.steps)
+    repeats = max(7, args.steps)
     with torch.no_grad():
         forward(base)  # warm-up (allocator, kernels)
-        base_s, unmerged_s = paired_median_times(lambda: forward(base), lambda: forward(model), args, repeats)
+        base_s, unmerged_s, unmerged_ratio = paired_median_times(
+            lambda: forward(base), lambda: forward(model), args, repeats
+        )
         merged = model.merge_and_unload()
-        base_again_s, merged_s = paired_median_times(lambda: forward(base), lambda: forward(merged), args, repeats)
-    return {"base_s": base_s, "unmerged_s": unmerged_s, "unmerged_over_base": unmerged_s / base_s,
-            "base_again_s": base_again_s, "merged_s": merged_s, "merged_over_base": merged_s / base_again_s}
+        base_again_s, merged_s, merged_ratio = paired_median_times(
+            lambda: forward(base), lambda: forward(merged), args, repeats
+        )
+    return {"base_s": base_s, "unmerged_s": unmerged_s, "unmerged_over_base": unmerged_ratio,
+            "base_again_s": base_again_s, "merged_s": merged_s, "merged_over_base": merged_ratio}
 
 
 def run_adapter_switch(args) -> dict:
@@ -311,9 +317,10 @@ def to_markdown(report: dict) -> str:
     inf, sw = report["inference"], report["adapter_switch"]
     lines += [
         "",
-        f"Inference (one batch, no grad, each timed alternately with the base): LoRA unmerged {inf['unmerged_s']:.3f} "
-        f"s vs base {inf['base_s']:.3f} s ({inf['unmerged_over_base']:.3f}x), merged {inf['merged_s']:.3f} s vs base "
-        f"{inf['base_again_s']:.3f} s ({inf['merged_over_base']:.3f}x).",
+        f"Inference (one batch, no grad, each timed alternately with the base; medians, and the median of the "
+        f"pairs' ratios): LoRA unmerged {inf['unmerged_s']:.3f} s vs base {inf['base_s']:.3f} s "
+        f"({inf['unmerged_over_base']:.3f}x), merged {inf['merged_s']:.3f} s vs base {inf['base_again_s']:.3f} s "
+        f"({inf['merged_over_base']:.3f}x).",
         "",
         f"Adapter switch: {sw['switch_s'] * 1e3:.3f} ms; reload base + adapter: {sw['reload_s'] * 1e3:.1f} ms "
         f"({sw['reload_over_switch']:.0f}x).",

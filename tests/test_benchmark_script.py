@@ -94,3 +94,15 @@ def test_cpu_memory_probes_run_with_the_default_heap_and_with_freed_memory_retur
     assert env["PATH"] == os.environ["PATH"]
     _, env = benchmark.probe_command(args, "lora", "ours", "returned")
     assert env["MALLOC_MMAP_THRESHOLD_"] == "131072" and "MALLOC_ARENA_MAX" not in env
+
+
+def test_paired_times_report_the_median_of_each_pairs_ratio(monkeypatch):
+    """A slow stretch of the machine that hits one pair moves the medians of the times, not the pairs' ratio."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import benchmark
+
+    times = iter([1.0, 1.1, 5.0, 5.5, 2.0, 1.9])  # 10% slower, but for one pair; the middle pair ran slowly
+    monkeypatch.setattr(benchmark, "timed", lambda fn, args: next(times))
+    first, second, ratio = benchmark.paired_median_times(None, None, None, 3)
+    assert (first, second) == (2.0, 1.9)  # medians of the times: 0.95x
+    assert ratio == pytest.approx(1.1)

@@ -1,10 +1,14 @@
+import weakref
 from unittest import mock
 
 import pytest
 import torch
 
 from sam2_peft.caching import encode_from_prefix, encode_prefix
+from sam2_peft.models import load_sam2
 from sam2_peft.segmenter import PADDING, Sam2Segmenter, combine_prompts
+from sam2_peft.strategies import apply_strategy
+from sam2_peft.training import InteractiveSegmenter
 
 
 def test_matches_sam2model_forward_for_boxes(tiny_model):
@@ -69,8 +73,47 @@ def test_cached_image_features_give_the_same_outputs(tiny_model, tiny_batch):
         features = segmenter.encode_images(tiny_batch["pixel_values"])
         prompts = {k: v for k, v in tiny_batch.items() if k != "pixel_values"}
         cached = segmenter(image_features=features, **prompts)
+        projected = segmenter.project(features)
+        from_projected = segmenter(decoder_features=projected, **prompts)
     assert [tuple(f.shape) for f in features] == [(2, 64, 64, 64), (2, 64, 32, 32), (2, 64, 16, 16)]
+    assert [tuple(f.shape) for f in projected] == [(2, 8, 64, 64), (2, 16, 32, 32), (2, 64, 16, 16)]
     torch.testing.assert_close(cached.mask_logits, direct.mask_logits, rtol=0, atol=0)
+    torch.testing.assert_close(from_projected.mask_logits, direct.mask_logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strategy", ["lora", "full"])
+@pytest.mark.parametrize("rounds", [0, 1])
+def test_encoded_maps_are_let_go_before_the_decoder_runs(strategy, rounds, tiny_batch):
+    """Once projected, the 256-channel S/4 and S/8 maps are only needed to train `conv_s0` and `conv_s1`: nothing
+    else holds them while the decoder runs (64 + 16 MB per image at 1024 px). With the decoder frozen (LoRA)
+    autograd does not save them either, so they are freed; full fine-tuning saves them for the weight gradients."""
+    model = apply_strategy(load_sam2("tiny-random"), strategy).train()
+    interactive = InteractiveSegmenter(model)
+    segmenter = interactive.segmenter
+    encoded, alive, saved = [], [], set()
+    encode, decode = segmenter.encode_images, segmenter._decode
+
+    def encode_images(pixel_values):
+        maps = encode(pixel_values)
+        encoded.extend((weakref.ref(level), level.data_ptr()) for level in maps)
+        return maps
+
+    def record_and_decode(*args, **kwargs):
+        alive.append([level() is not None for level, _ in encoded])
+        return decode(*args, **kwargs)
+
+    def pack(tensor):
+        saved.add(tensor.data_ptr())
+        return tensor
+
+    batch = {**tiny_batch, "masks": torch.zeros(3, 256, 256, dtype=torch.bool)}
+    with mock.patch.object(segmenter, "encode_images", encode_images), \
+            mock.patch.object(segmenter, "_decode", record_and_decode), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        interactive(batch, correction_rounds=rounds, generator=torch.Generator().manual_seed(0))
+    # Only the S/16 embeddings go into the decoder as they are; every round reads the one projection.
+    assert alive == [[False, False, True]] * (rounds + 1)
+    assert [pointer in saved for _, pointer in encoded[:2]] == [strategy == "full"] * 2
 
 
 def test_combine_prompts_layout():
@@ -84,8 +127,10 @@ def test_combine_prompts_layout():
 def test_errors(tiny_model, tiny_batch):
     segmenter = Sam2Segmenter(tiny_model)
     prompts = {k: v for k, v in tiny_batch.items() if k != "pixel_values"}
-    with pytest.raises(ValueError, match="exactly one of `pixel_values` or `image_features`"):
+    with pytest.raises(ValueError, match="exactly one of `pixel_values`, `image_features` or `decoder_features`"):
         segmenter(**prompts)
+    with pytest.raises(ValueError, match="exactly one of"):
+        segmenter(**tiny_batch, image_features=segmenter.encode_images(tiny_batch["pixel_values"]))
     with pytest.raises(ValueError, match="at least one prompt"):
         combine_prompts()
     with pytest.raises(ValueError, match="`point_labels` must have shape"):
