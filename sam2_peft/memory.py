@@ -11,9 +11,9 @@ hooks (FSDP2's) run once, outside. The mask decoder gets the same two attributes
 runs the decoder `objects_per_checkpoint` objects at a time, each group its own checkpoint, so the decoder's
 submodules run a number of times that depends on the batch; under FSDP keep them out of their own units
 (`recipes/accelerate/fsdp.yaml` leaves the decoder in the root unit), or the processes' all-gathers fall out of step
-(and a decoder with hooks runs as transformers' slower forward, see `mask_decoder.decode_masks`). bf16 autocast needs nothing here: the
-training loop runs the forward under `accelerator.autocast()`, and non-reentrant checkpointing replays each region
-under the same autocast state.
+(and a decoder with hooks runs as transformers' slower forward, see `mask_decoder.decode_masks`). bf16 autocast
+needs nothing here: the training loop runs the forward under `accelerator.autocast()`, and non-reentrant
+checkpointing replays each region under the same autocast state.
 """
 
 from __future__ import annotations

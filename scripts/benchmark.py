@@ -162,8 +162,7 @@ def run_strategy(args, strategy: str, batches: list[dict]) -> dict:
     naive, _ = setup(args, strategy, "naive")
     ours, cache = setup(args, strategy, "ours")
     first = [timed(lambda b=b: ours(b), args) for b in batches] if cache is not None else None
-    pairs = [(timed(lambda b=b: naive(b), args), timed(lambda b=b: ours(b), args)) for b in batches]
-    naive_s, ours_s = statistics.median(n for n, _ in pairs), statistics.median(o for _, o in pairs)
+    naive_s, ours_s, _ = paired_median_times([(lambda b=b: naive(b), lambda b=b: ours(b)) for b in batches], args)
     first_s = statistics.median(first) if first is not None else ours_s
     return {
         "cache": cache.kind if cache is not None else None,
@@ -234,10 +233,11 @@ def median_time(fn, args, repeats: int) -> float:
     return statistics.median(timed(fn, args) for _ in range(repeats))
 
 
-def paired_median_times(first, second, args, repeats: int) -> tuple[float, float, float]:
-    """Median times of two functions run alternately, so that drift in machine load hits both alike, and the median
-    of each pair's second / first (which a slow stretch of the machine, hitting one pair, barely moves)."""
-    times = [(timed(first, args), timed(second, args)) for _ in range(repeats)]
+def paired_median_times(pairs, args) -> tuple[float, float, float]:
+    """Run each (first, second) pair of functions in turn, so that drift in machine load hits both alike: the
+    median times of the firsts and of the seconds, and the median of each pair's second / first (which a slow
+    stretch of the machine, hitting one pair, barely moves)."""
+    times = [(timed(first, args), timed(second, args)) for first, second in pairs]
     return (statistics.median(a for a, _ in times), statistics.median(b for _, b in times),
             statistics.median(b / a for a, b in times))
 
@@ -256,11 +256,11 @@ def run_inference(args) -> dict:
     with torch.no_grad():
         forward(base)  # warm-up (allocator, kernels)
         base_s, unmerged_s, unmerged_ratio = paired_median_times(
-            lambda: forward(base), lambda: forward(model), args, repeats
+            [(lambda: forward(base), lambda: forward(model))] * repeats, args
         )
         merged = model.merge_and_unload()
         base_again_s, merged_s, merged_ratio = paired_median_times(
-            lambda: forward(base), lambda: forward(merged), args, repeats
+            [(lambda: forward(base), lambda: forward(merged))] * repeats, args
         )
     return {"base_s": base_s, "unmerged_s": unmerged_s, "unmerged_over_base": unmerged_ratio,
             "base_again_s": base_again_s, "merged_s": merged_s, "merged_over_base": merged_ratio}

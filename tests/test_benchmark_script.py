@@ -103,6 +103,6 @@ def test_paired_times_report_the_median_of_each_pairs_ratio(monkeypatch):
 
     times = iter([1.0, 1.1, 5.0, 5.5, 2.0, 1.9])  # 10% slower, but for one pair; the middle pair ran slowly
     monkeypatch.setattr(benchmark, "timed", lambda fn, args: next(times))
-    first, second, ratio = benchmark.paired_median_times(None, None, None, 3)
+    first, second, ratio = benchmark.paired_median_times([(None, None)] * 3, None)
     assert (first, second) == (2.0, 1.9)  # medians of the times: 0.95x
     assert ratio == pytest.approx(1.1)
