@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from transformers import Sam2Config, Sam2ImageProcessor, Sam2Model
 
@@ -69,6 +70,7 @@ def load_sam2(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     sam2_config: str | None = None,
+    hub_kernels: bool = False,
 ) -> Sam2Model:
     """Load a SAM2 model as a transformers `Sam2Model`.
 
@@ -80,6 +82,10 @@ def load_sam2(
         device: where to put the model (default: CPU).
         sam2_config: for `*.pt` checkpoints, the official config name (`sam2.1_hiera_t`, ...) or YAML path; guessed
             from the file name when omitted.
+        hub_kernels: let transformers swap layers for compiled kernels downloaded from the Hub
+            (`kernels-community/*`, through the `kernels` package) when the model moves between train and eval
+            mode on CUDA. Off by default: it runs code fetched at run time, and offline it fails at the first
+            `eval()`. transformers' `from_pretrained` turns it on by default; here it stays off unless asked.
 
     Returns:
         The model in eval mode; `model.config._name_or_path` records where it came from.
@@ -90,6 +96,8 @@ def load_sam2(
         256
     """
     name = str(name_or_path)
+    if hub_kernels:
+        check_hub_kernels_reachable()
     if name == TINY_RANDOM:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_RANDOM_SEED)
@@ -100,7 +108,9 @@ def load_sam2(
 
         model = load_official_checkpoint(name, sam2_config)
     else:
-        model = _from_pretrained(name, revision)
+        model = _from_pretrained(name, revision, hub_kernels)
+    if hub_kernels and not model.use_kernels:
+        model.set_use_kernels(True)
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:
@@ -108,12 +118,24 @@ def load_sam2(
     return model.eval()
 
 
-def _from_pretrained(name: str, revision: str | None) -> Sam2Model:
+def check_hub_kernels_reachable() -> None:
+    """Refuse `hub_kernels=True` (`--hub_kernels`) up front when the Hub is offline: the kernels would be fetched
+    at the first `train()`/`eval()` on CUDA and fail there, in the middle of a run."""
+    if huggingface_hub.is_offline_mode():
+        raise ModelLoadError(
+            "`--hub_kernels` (hub_kernels=True) downloads compiled kernels from the Hugging Face Hub, but "
+            "HF_HUB_OFFLINE is set. Drop `--hub_kernels` (the default, plain PyTorch layers), or unset "
+            "HF_HUB_OFFLINE on a machine that can reach the Hub."
+        )
+
+
+def _from_pretrained(name: str, revision: str | None, hub_kernels: bool = False) -> Sam2Model:
     path = Path(name)
     if path.is_dir() and not (path / "config.json").is_file():
         raise ModelLoadError(f"{name!r} is a folder but has no config.json; save one with `model.save_pretrained(dir)`")
     try:
-        return Sam2Model.from_pretrained(name, revision=revision)
+        # use_kernels=False: transformers would otherwise kernelize from the Hub on CUDA (see `load_sam2`).
+        return Sam2Model.from_pretrained(name, revision=revision, use_kernels=hub_kernels)
     except OSError as err:
         if path.exists():
             raise
