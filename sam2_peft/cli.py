@@ -39,22 +39,24 @@ def _train(args: list[str]) -> None:
 
 def _data(args: list[str]) -> None:
     from sam2_peft.data import inspect_dataset
+    from sam2_peft.data.config import build_data_parser, parse_data_args
 
-    parser = argparse.ArgumentParser(prog="sam2-peft data", description=COMMANDS["data"])
-    parser.add_argument("data", help="image/mask folder, saved dataset, COCO json, or Hub dataset id")
-    parser.add_argument("--mask_type", default="instance", choices=["instance", "semantic"])
-    parser.add_argument("--num_classes", type=int, default=None, help="largest valid class id (semantic)")
-    parser.add_argument("--min_object_area", type=int, default=16)
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--mask_column", default="mask")
-    parsed = parser.parse_args(args)
+    parser = build_data_parser("sam2-peft data", COMMANDS["data"])
+    parser.add_argument("source", nargs="?", default=None, help="the same as --data")
+    data, extra = parse_data_args(parser, args)
+    data = data.resolved()
     report = inspect_dataset(
-        parsed.data,
-        mask_type=parsed.mask_type,
-        num_classes=parsed.num_classes,
-        min_object_area=parsed.min_object_area,
-        image_column=parsed.image_column,
-        mask_column=parsed.mask_column,
+        extra.source or data.data,
+        mask_type=data.mask_type,
+        num_classes=data.num_classes,
+        min_object_area=data.min_object_area,
+        keep_empty_images=data.keep_empty_images,
+        image_column=data.image_column,
+        mask_column=data.mask_column,
+        train_split=data.train_split,
+        val_split=data.val_split,
+        val_fraction=data.val_fraction,
+        nifti_axis=data.nifti_axis,
     )
     print(report.format())
 
@@ -74,8 +76,10 @@ def _merge(args: list[str]) -> None:
     parser.add_argument(
         "--video_source", default=None, help="--format sam2: official checkpoint to copy the video-only modules from"
     )
+    _add_hub_kernels_flag(parser)
     parsed = parser.parse_args(args)
-    model = load_adapter(load_sam2(parsed.model, sam2_config=parsed.sam2_config), parsed.adapter, revision=parsed.revision)
+    base = load_sam2(parsed.model, sam2_config=parsed.sam2_config, hub_kernels=parsed.hub_kernels)
+    model = load_adapter(base, parsed.adapter, revision=parsed.revision)
     path = merge_to_folder(
         model, parsed.output_dir, format=parsed.format, sam2_config=parsed.sam2_config, video_source=parsed.video_source
     )
@@ -117,32 +121,30 @@ def _convert(args: list[str]) -> None:
 
 
 def _eval(args: list[str]) -> None:
+    from sam2_peft.data.config import build_data_parser, parse_data_args
     from sam2_peft.evaluation import evaluate_model
 
-    parser = argparse.ArgumentParser(prog="sam2-peft eval", description=COMMANDS["eval"])
+    parser = build_data_parser("sam2-peft eval", COMMANDS["eval"])
     parser.add_argument("--model", required=True, help="Hub id, local folder, official .pt, or tiny-random")
     parser.add_argument("--adapter", default=None, help="a run's final/ folder or an adapter on the Hub")
-    parser.add_argument("--data", required=True, help="image/mask folder, saved dataset or Hub dataset id")
     parser.add_argument("--prompt", default="box", help="box, point or points:K")
     parser.add_argument("--correction_clicks", type=int, default=0, help="correction clicks after the first prompt")
     parser.add_argument("--split", default=None, help="split to score (default: test if present, else val)")
     parser.add_argument("--output_dir", default=None, help="where metrics.json, per_object.csv, overlays.png go")
     parser.add_argument("--no_baseline", action="store_true", help="skip the zero-shot base model")
-    parser.add_argument("--mask_type", default="instance", choices=["instance", "semantic"])
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--mask_column", default="mask")
-    parser.add_argument("--train_split", default="train", help="as in training: what val is held out from")
-    parser.add_argument("--val_split", default=None, help="as in training (default: validation, val, valid or dev)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=42, help="prompt seed; the training seed gives the same val split")
     parser.add_argument("--revision", default=None, help="base model revision")
     parser.add_argument("--adapter_revision", default=None)
-    parsed = parser.parse_args(args)
+    parser.add_argument("--sam2_config", default=None, help="official config name for a .pt --model")
+    _add_hub_kernels_flag(parser)
+    data, parsed = parse_data_args(parser, args)
     evaluate_model(
         parsed.model,
-        parsed.data,
+        data,
         adapter=parsed.adapter,
         revision=parsed.revision,
+        sam2_config=parsed.sam2_config,
         adapter_revision=parsed.adapter_revision,
         prompt=parsed.prompt,
         correction_clicks=parsed.correction_clicks,
@@ -151,11 +153,7 @@ def _eval(args: list[str]) -> None:
         output_dir=parsed.output_dir,
         baseline=not parsed.no_baseline,
         seed=parsed.seed,
-        mask_type=parsed.mask_type,
-        image_column=parsed.image_column,
-        mask_column=parsed.mask_column,
-        train_split=parsed.train_split,
-        val_split=parsed.val_split,
+        hub_kernels=parsed.hub_kernels,
     )
 
 
@@ -175,11 +173,12 @@ def _compare(args: list[str]) -> None:
 
 
 def _predict(args: list[str]) -> None:
+    from sam2_peft.data.config import build_data_parser, parse_data_args
     from sam2_peft.hub import DomainAdapters, load_adapter
     from sam2_peft.models import load_sam2
     from sam2_peft.prediction import save_label_map, segment_image
 
-    parser = argparse.ArgumentParser(prog="sam2-peft predict", description=COMMANDS["predict"])
+    parser = build_data_parser("sam2-peft predict", COMMANDS["predict"])
     parser.add_argument("--model", required=True)
     parser.add_argument(
         "--adapter", action="append", default=[], metavar="[NAME=]PATH",
@@ -189,7 +188,8 @@ def _predict(args: list[str]) -> None:
     parser.add_argument("--image", required=True)
     parser.add_argument("--box", action="append", required=True, metavar="X1,Y1,X2,Y2", help="repeat for more objects")
     parser.add_argument("--output", required=True, help="label-map PNG to write (object i has value i)")
-    parsed = parser.parse_args(args)
+    _add_hub_kernels_flag(parser)
+    data, parsed = parse_data_args(parser, args)
     boxes = []
     for box in parsed.box:
         try:
@@ -197,7 +197,7 @@ def _predict(args: list[str]) -> None:
         except ValueError:
             raise ValueError(f"--box {box}: expected four comma-separated numbers x1,y1,x2,y2.") from None
         boxes.append((x1, y1, x2, y2))
-    model = load_sam2(parsed.model)
+    model = load_sam2(parsed.model, hub_kernels=parsed.hub_kernels)
     named = [spec.split("=", 1) if "=" in spec else (None, spec) for spec in parsed.adapter]
     if any(name for name, _ in named):
         model = DomainAdapters(model)
@@ -209,9 +209,17 @@ def _predict(args: list[str]) -> None:
         if len(named) > 1 or parsed.domain:
             raise ValueError("Several adapters or --domain need names: --adapter NAME=PATH.")
         model = load_adapter(model, named[0][1])
-    labels = segment_image(model, parsed.image, boxes, domain=parsed.domain)
+    labels = segment_image(model, parsed.image, boxes, domain=parsed.domain, data=data)
     path = save_label_map(labels, parsed.output)
     print(f"{len(boxes)} object(s): {[int((labels == i + 1).sum()) for i in range(len(boxes))]} pixels; wrote {path}")
+
+
+def _add_hub_kernels_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--hub_kernels", action="store_true",
+        help="let transformers download compiled kernels from the Hub (kernels-community/*) and swap them in on "
+             "CUDA; off: plain PyTorch layers, nothing fetched at run time",
+    )
 
 
 HANDLERS = {

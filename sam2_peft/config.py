@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from sam2_peft.data.intensity import IntensityConfig
+from sam2_peft.data.config import DataConfig, read_yaml_fields
 from sam2_peft.strategies import NON_PEFT_STRATEGIES, PEFT_STRATEGIES
 
 # Learning rates that work for each strategy on SAM2 (the more of the network trains, the gentler the step).
@@ -37,8 +37,8 @@ def _help(text: str, **kwargs):
 
 
 @dataclass
-class TrainConfig:
-    """Everything a fine-tuning run needs; see each field's help."""
+class TrainConfig(DataConfig):
+    """Everything a fine-tuning run needs: the shared `DataConfig` fields and these; see each field's help."""
 
     # Model and strategy
     model: str = _help("Hub id, local HF folder, official .pt checkpoint, or 'tiny-random'.", default="facebook/sam2.1-hiera-tiny")
@@ -54,22 +54,11 @@ class TrainConfig:
     decoder_mode: str = _help("PEFT strategies: the mask decoder is 'frozen', trained 'full' (modules_to_save) or gets an 'adapter'.", default="frozen")
     train_prompt_encoder: bool = _help("decoder/partial: train the prompt encoder too.", default=False)
     train_neck: bool = _help("partial: train the FPN neck too.", default=False)
+    hub_kernels: bool = _help("Let transformers swap layers for compiled kernels it downloads from the Hub (kernels-community/*) on CUDA. Off: plain PyTorch, nothing fetched at run time.", default=False)
 
-    # Data
-    data: str = _help("Image/mask folder, Hub dataset id, or a dataset saved with save_to_disk.", default="examples/data")
-    mask_type: str = _help("instance: every label value is one object; semantic: every value is one class.", default="instance")
-    image_column: str = _help("Image column of a `datasets` dataset.", default="image")
-    mask_column: str = _help("Mask column of a `datasets` dataset.", default="mask")
-    train_split: str = _help("Name of the training split.", default="train")
-    val_split: str | None = _help("Name of the validation split (default: validation, val, valid or dev); when there is none, `val_fraction` of train is held out.", default=None)
-    val_fraction: float = _help("Held-out fraction when the source has no validation split.", default=0.1)
-    intensity: str = _help("Intensity to [0, 1]: auto (8-bit /255, else 0.5-99.5 percentile clip), percentile, minmax, range.", default="auto")
-    ct_window: str | None = _help("CT window instead: abdomen, lung, bone, or 'level,width' (e.g. '40,400').", default=None)
-    keep_empty_images: bool = _help("Keep images without objects as negatives for the object-score head.", default=False)
+    # Data (beyond the `DataConfig` fields: source, columns, splits, intensities, masks)
     augment: bool = _help("Joint augmentation (crop, flips, 90-degree rotations, intensity) on the training set.", default=True)
     max_objects_per_image: int = _help("Cap on objects per image per step (a seeded random subset); bounds decoder memory.", default=8)
-    min_object_area: int = _help("Objects with fewer pixels are dropped (and counted).", default=16)
-    num_workers: int = _help("DataLoader worker processes.", default=0)
 
     # Prompts
     box_probability: float = _help("Chance that an object is prompted with a (jittered) box rather than clicks.", default=0.5)
@@ -116,13 +105,16 @@ class TrainConfig:
     report_to: str = _help("Trackers: none, tensorboard, wandb, or all.", default="none")
 
     def __post_init__(self):
+        super().__post_init__()
+        # A training run has no adapter to take preprocessing from: unset fields get their defaults, and the
+        # adapter it writes records them.
+        for name, value in dataclasses.asdict(self.data_config().resolved()).items():
+            setattr(self, name, value)
         known = NON_PEFT_STRATEGIES + PEFT_STRATEGIES
         if self.strategy not in known:
             raise ValueError(f"`--strategy {self.strategy}` is unknown; choose one of {', '.join(known)}.")
         if self.strategy == "partial" and self.num_blocks is None and self.blocks is None:
             raise ValueError("`--strategy partial` needs `--num_blocks N` (the last N Hiera blocks) or `--blocks`.")
-        if self.mask_type not in ("instance", "semantic"):
-            raise ValueError(f"`--mask_type {self.mask_type}` is unknown; use instance or semantic.")
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise ValueError(f"`--mixed_precision {self.mixed_precision}` is unknown; use no, bf16 or fp16.")
         if self.decoder_mode not in ("frozen", "full", "adapter"):
@@ -145,7 +137,7 @@ class TrainConfig:
                 raise ValueError(f"`--{name}` must be at least 1, got {getattr(self, name)}.")
         if self.checkpoint_total_limit < 2:
             raise ValueError("`--checkpoint_total_limit` must be at least 2, so a crash while saving leaves one intact.")
-        for name in ("warmup_ratio", "val_fraction", "box_jitter", "lora_dropout"):
+        for name in ("warmup_ratio", "box_jitter", "lora_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"`--{name}` must be in [0, 1), got {getattr(self, name)}.")
         if not 0 <= self.box_probability <= 1:
@@ -167,18 +159,6 @@ class TrainConfig:
     @property
     def is_peft(self) -> bool:
         return self.strategy in PEFT_STRATEGIES
-
-    def intensity_config(self) -> IntensityConfig:
-        """The data pipeline's intensity handling for `intensity` / `ct_window`."""
-        if self.ct_window is None:
-            return IntensityConfig(mode=self.intensity)
-        if "," in self.ct_window:
-            try:
-                level, width = (float(part) for part in self.ct_window.split(","))
-            except ValueError:
-                raise ValueError(f"`--ct_window {self.ct_window}`: use a preset or 'level,width', e.g. '40,400'.") from None
-            return IntensityConfig(mode="window", window=(level, width))
-        return IntensityConfig(mode="window", window=self.ct_window)
 
     def block_selection(self) -> str | list[int] | None:
         """`blocks` as `select_blocks` takes it: 'last:N' stays a string, '0,3,5' becomes a list."""
@@ -228,17 +208,8 @@ def parse_config(args: list[str] | None = None, default_config: str | Path | Non
     namespace, _ = parser.parse_known_args(args)
     config_path = namespace.config or default_config
     if config_path is not None:
-        path = Path(config_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {path}: no such file.")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of field: value, got {type(values).__name__}.")
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys are the `sam2-peft train --help` flags.")
-        parser.set_defaults(**values)
+        parser.set_defaults(**read_yaml_fields(config_path, fields, "sam2-peft train"))
     # The extra namespace holds `--config` itself.
     config, _ = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=False, look_for_args_file=False)
     return config

@@ -34,10 +34,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sam2_peft.data import IntensityConfig, Preprocessor, SegmentationDataset, collate_objects, load_source
+from sam2_peft.data import Preprocessor, SegmentationDataset, collate_objects
+from sam2_peft.data.config import PREPROCESSING_FIELDS, DataConfig
 from sam2_peft.data.io import decode_row
 from sam2_peft.data.intensity import normalize_intensity
-from sam2_peft.hub import load_adapter
+from sam2_peft.hub import adapter_preprocessing, load_adapter, resolve_data_config
 from sam2_peft.metrics import compute_metrics
 from sam2_peft.models import load_sam2
 from sam2_peft.reports import OverlaySample, display_name, format_eval_table, plot_overlays, select_examples
@@ -183,26 +184,22 @@ def evaluate_model(
     output_dir: str | os.PathLike | None = None,
     baseline: bool = True,
     seed: int = 42,
-    mask_type: str = "instance",
-    intensity: IntensityConfig = IntensityConfig(),
-    min_object_area: int = 16,
     max_objects_per_image: int | None = None,
-    image_column: str = "image",
-    mask_column: str = "mask",
-    train_split: str = "train",
-    val_split: str | None = None,
-    val_fraction: float = 0.1,
     nsd_tolerance: float = 1.0,
     num_overlays: int = 8,
     device: str | torch.device | None = None,
     verbose: bool = True,
+    hub_kernels: bool = False,
 ) -> dict:
     """Evaluate `model` (with `adapter`, and by default also without it) on one split of `data`.
 
     Args:
         model: a base model name for `load_sam2` (Hub id, folder, official .pt, `tiny-random`) or a `Sam2Model`
             (its weights are left unchanged: the adapter goes onto a copy).
-        data: anything `load_source` takes (folder, saved dataset, COCO json, Hub id, `DatasetDict`).
+        data: a `DataConfig` (source, columns, splits, intensity, mask type: as in training), or just its source:
+            anything `load_source` takes (folder, saved dataset, COCO json, Hub id, `DatasetDict`). Preprocessing
+            fields left unset come from the adapter's `preprocessor_config.json`, else their defaults; a set field
+            that disagrees with the adapter wins, with a warning.
         adapter: a run's `DIR/final`, any adapter folder, or a Hub id; None evaluates `model` alone.
         revision: Hub revision of `model` (when a name).
         sam2_config: official config name for a `.pt` `model` (e.g. `sam2.1_hiera_t`); guessed if unset.
@@ -215,19 +212,12 @@ def evaluate_model(
         baseline: also score the base model without the adapter on the same prompts (needs `adapter`).
         seed: seeds `points:K` clicks and correction clicks, and the hold-out of `val` from `train` when the source
             has no validation split; keep the training run's `--seed` (default 42) to score its validation images.
-        mask_type: `instance` or `semantic`, as in training.
-        intensity: how raw intensities map to [0, 1], as in training.
-        min_object_area: objects with fewer pixels are not scored (training's default, 16).
         max_objects_per_image: score a seeded subset of at most this many objects per image; None scores all.
-        image_column: image column of a `datasets` source.
-        mask_column: mask column of a `datasets` source.
-        train_split: name of the training split of a `datasets` source (what `val` is held out from, if needed).
-        val_split: name of its validation split (default: validation, val, valid or dev), as in training.
-        val_fraction: hold-out fraction for `val` when the source has no validation split, as in training.
         nsd_tolerance: tolerance of the normalised surface Dice, in pixels.
         num_overlays: objects shown in `overlays.png` (a third worst, a third best, the rest random); 0 for none.
         device: default CUDA when available, else CPU.
         verbose: print the side-by-side table (`sam2_peft.reports.format_eval_table`).
+        hub_kernels: load `model` with transformers' Hub kernels (see `load_sam2`).
 
     Returns:
         What `metrics.json` holds: `protocol` (the settings above, for reproducibility), `fine_tuned` (the scores of
@@ -243,28 +233,29 @@ def evaluate_model(
     """
     if baseline and adapter is None:
         baseline = False
-    splits = load_source(
-        data,
-        image_column=image_column,
-        mask_column=mask_column,
-        train_split=train_split,
-        val_split=val_split,
-        val_fraction=val_fraction,
-        seed=seed,
-        mask_type=mask_type,
-    )
+    owned = isinstance(model, str)
+    base = load_sam2(model, revision=revision, sam2_config=sam2_config, hub_kernels=hub_kernels) if owned else model
+    tuned = base
+    if adapter is not None:
+        # The adapter is loaded first, since its preprocessing decides how the data is read; onto a copy when the
+        # base must stay as it is (the caller's model, or the baseline's).
+        keep = baseline or not owned
+        tuned = load_adapter(copy.deepcopy(base) if keep else base, adapter, revision=adapter_revision)
+    config = data if isinstance(data, DataConfig) else DataConfig(data=data)
+    config = resolve_data_config(config, adapter_preprocessing(tuned) if adapter is not None else None,
+                                 where=f"--adapter {adapter}")
+    splits = config.load_splits(seed=seed)
     split = split or ("test" if "test" in splits else "val")
     if split not in splits:
-        raise ValueError(f"--data {data}: no split {split!r}; it has {sorted(splits)}. Pick one with --split.")
-    owned = isinstance(model, str)
-    base = load_sam2(model, revision=revision, sam2_config=sam2_config) if owned else model
+        raise ValueError(f"--data {config.data}: no split {split!r}; it has {sorted(splits)}. Pick one with --split.")
     dataset = SegmentationDataset(
         splits[split],
         Preprocessor.from_model(base),
-        mask_type=mask_type,
-        min_object_area=min_object_area,
+        mask_type=config.mask_type,
+        num_classes=config.num_classes,
+        min_object_area=config.min_object_area,
         max_objects_per_image=max_objects_per_image,
-        intensity=intensity,
+        intensity=config.intensity_config(),
         prompts=prompt,
         seed=seed,
         split=split,
@@ -273,9 +264,6 @@ def evaluate_model(
     predictions = {}
     if baseline:
         predictions[BASELINE] = predict_objects(base, dataset, **run)
-    tuned = base
-    if adapter is not None:
-        tuned = load_adapter(base if owned else copy.deepcopy(base), adapter, revision=adapter_revision)
     predictions[FINE_TUNED] = predict_objects(tuned, dataset, **run)
 
     scores = {name: score_predictions(p, nsd_tolerance=nsd_tolerance, device=device) for name, p in predictions.items()}
@@ -283,13 +271,13 @@ def evaluate_model(
         "protocol": {
             "model": model if owned else type(model).__name__,
             "adapter": None if adapter is None else str(adapter),
-            "data": str(data),
+            "data": str(config.data),
             "split": split,
             "prompt": prompt,
             "correction_clicks": correction_clicks,
             "seed": seed,
-            "mask_type": mask_type,
-            "min_object_area": min_object_area,
+            **{name: getattr(config, name) for name in PREPROCESSING_FIELDS},
+            "min_object_area": config.min_object_area,
             "max_objects_per_image": max_objects_per_image,
             "nsd_tolerance": nsd_tolerance,
         },

@@ -32,6 +32,8 @@ from sam2_peft.interop.official_config import (
     official_yaml_path,
 )
 from sam2_peft.interop.official_keys import hf_to_official, is_video_only, key_problems, official_to_hf
+from sam2_peft.data.config import DataConfig
+from sam2_peft.hub.preprocessing import adapter_preprocessing, write_preprocessing
 from sam2_peft.models import build_image_processor
 
 logger = logging.getLogger(__name__)
@@ -218,21 +220,30 @@ def merge_to_folder(
         video_source: for `sam2`, the official checkpoint to copy video-only modules from (see
             `export_official_checkpoint`).
 
+    The folder gets `preprocessor_config.json` (`Sam2ImageProcessor`'s, which `pipeline("mask-generation")` reads),
+    with the adapter's recorded preprocessing (`adapter_preprocessing`) when it has one.
+
     Returns:
         The folder (`hf`) or the checkpoint file (`sam2`).
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"format={format!r} is not one of {EXPORT_FORMATS}; use 'hf' or 'sam2'.")
+    preprocessing = adapter_preprocessing(model)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if not isinstance(model, Sam2Model):
         raise TypeError(f"Expected a Sam2Model or a PeftModel around one, got {type(model).__name__}.")
     if format == "hf":
-        return _save_hf(model, output_dir)
-    name = sam2_config or official_name_for(model.config)
-    # Named after the config so that `load_official_checkpoint` recognises the file without `sam2_config`.
-    file_name = f"{Path(name).stem if name.endswith(('.yaml', '.yml')) else name}.pt"
-    return export_official_checkpoint(model, Path(output_dir) / file_name, name, video_source=video_source)
+        path = _save_hf(model, output_dir)
+    else:
+        name = sam2_config or official_name_for(model.config)
+        # Named after the config so that `load_official_checkpoint` recognises the file without `sam2_config`.
+        file_name = f"{Path(name).stem if name.endswith(('.yaml', '.yml')) else name}.pt"
+        path = export_official_checkpoint(model, Path(output_dir) / file_name, name, video_source=video_source)
+    if preprocessing is not None:
+        # The adapter's preprocessing travels with the merged weights (beside the .pt for the sam2 format).
+        write_preprocessing(output_dir, model, DataConfig(**preprocessing.data))
+    return path
 
 
 def _save_hf(model: Sam2Model, output_dir: str | os.PathLike) -> Path:

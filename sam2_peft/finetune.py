@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from sam2_peft.caching import plan_cache, preprocessing_key
 from sam2_peft.config import TrainConfig
-from sam2_peft.data import AugmentConfig, Preprocessor, PromptConfig, SegmentationDataset, collate_objects, load_source
-from sam2_peft.hub import atomic_file, save_adapter
+from sam2_peft.data import AugmentConfig, Preprocessor, PromptConfig, SegmentationDataset, collate_objects
+from sam2_peft.hub import atomic_file, save_adapter, write_preprocessing
 from sam2_peft.memory import enable_gradient_checkpointing
 from sam2_peft.models import load_sam2, model_fingerprint
 from sam2_peft.strategies import apply_strategy, trainable_summary
@@ -101,23 +101,14 @@ def _run(cfg: TrainConfig) -> dict:
             logger.warning("Strategy %r does not use %s; they have no effect.", cfg.strategy, ", ".join(ignored))
 
     with accelerator.main_process_first():
-        splits = load_source(
-            cfg.data,
-            image_column=cfg.image_column,
-            mask_column=cfg.mask_column,
-            train_split=cfg.train_split,
-            val_split=cfg.val_split,
-            val_fraction=cfg.val_fraction,
-            seed=cfg.seed,
-            mask_type=cfg.mask_type,
-        )
+        splits = cfg.load_splits(seed=cfg.seed)
     if "val" not in splits:
         raise ValueError(
             f"--data {cfg.data}: no validation split, and none could be held out (--val_fraction {cfg.val_fraction}, "
             f"{len(splits['train'])} training rows); add a val/ split or raise --val_fraction."
         )
 
-    model = load_sam2(cfg.model, revision=cfg.revision, sam2_config=cfg.sam2_config)
+    model = load_sam2(cfg.model, revision=cfg.revision, sam2_config=cfg.sam2_config, hub_kernels=cfg.hub_kernels)
     base_fingerprint = model_fingerprint(model)
     model = apply_strategy(model, cfg.strategy, **cfg.strategy_options())
     if accelerator.is_main_process:
@@ -135,6 +126,7 @@ def _run(cfg: TrainConfig) -> dict:
     preprocessor = Preprocessor.from_model(model)
     common = dict(
         mask_type=cfg.mask_type,
+        num_classes=cfg.num_classes,
         min_object_area=cfg.min_object_area,
         max_objects_per_image=cfg.max_objects_per_image,
         intensity=cfg.intensity_config(),
@@ -285,6 +277,8 @@ def _run(cfg: TrainConfig) -> dict:
                 accelerator.print(f"step {state.step}: val dice {scores['dice']:.4f}, iou {scores['iou']:.4f}")
                 if state.record_eval(scores[cfg.eval_metric]):
                     _save_trainable(accelerator, module, best_path, state.step)
+                    if accelerator.is_main_process:
+                        write_preprocessing(best_path.parent, model, cfg.data_config())
                 stop = state.should_stop(cfg.early_stopping_patience) or state.step >= total_steps
                 if stop and state.step < total_steps:
                     accelerator.print(f"Early stopping: no {cfg.eval_metric} gain in {cfg.early_stopping_patience} evals.")
@@ -324,6 +318,7 @@ def _run(cfg: TrainConfig) -> dict:
             strategy=cfg.strategy,
             revision=cfg.revision,
             metrics={k: v for k, v in best.items() if k != "step"},
+            data=cfg.data_config(),
         )
         _write_json(output_dir / "metrics.json", metrics)
         _write_json(output_dir / "history.json", {"history": state.history})
@@ -343,7 +338,7 @@ def _final_model(accelerator: Accelerator, module, cfg: TrainConfig, best_path: 
     state_dict = accelerator.get_state_dict(module)
     if not accelerator.is_main_process:
         return None
-    base = load_sam2(cfg.model, revision=cfg.revision, sam2_config=cfg.sam2_config)
+    base = load_sam2(cfg.model, revision=cfg.revision, sam2_config=cfg.sam2_config, hub_kernels=cfg.hub_kernels)
     rebuilt = InteractiveSegmenter(apply_strategy(base, cfg.strategy, **cfg.strategy_options()))
     rebuilt.load_state_dict(state_dict)
     if best_step is not None:

@@ -13,10 +13,11 @@ import numpy as np
 import PIL.Image
 import torch
 
-from sam2_peft.data.intensity import IntensityConfig, normalize_intensity
+from sam2_peft.data.config import DataConfig
+from sam2_peft.data.intensity import normalize_intensity
 from sam2_peft.data.io import read_file, to_hwc
 from sam2_peft.data.transforms import Preprocessor
-from sam2_peft.hub import DomainAdapters, predict
+from sam2_peft.hub import DomainAdapters, adapter_preprocessing, predict, resolve_data_config
 from sam2_peft.segmenter import base_sam2
 from sam2_peft.training import masks_at_original_size
 
@@ -27,7 +28,7 @@ def segment_image(
     boxes: list[tuple[float, float, float, float]],
     *,
     domain: str | None = None,
-    intensity: IntensityConfig = IntensityConfig(),
+    data: DataConfig | None = None,
 ) -> np.ndarray:
     """Segment each box of `image` and return a label map: 0 background, i + 1 where box i's mask is.
 
@@ -36,16 +37,21 @@ def segment_image(
         image: an image file (8/16-bit or float PNG/TIFF/JPEG, grayscale or colour).
         boxes: `x1, y1, x2, y2` in the image's pixels.
         domain: the adapter to use (a name registered in the `DomainAdapters`); None for the active one.
-        intensity: how raw intensities map to [0, 1], as in training.
+        data: intensity settings (`intensity`, `intensity_percentiles`, `ct_window`); those left unset come from
+            the adapter's recorded preprocessing (that domain's), else the defaults. A set one that disagrees with
+            the adapter wins, with a warning.
 
     Returns:
         (H, W) uint16 label map at the image's resolution; later boxes win where masks overlap.
     """
     if not boxes:
         raise ValueError("Give at least one box (`--box x1,y1,x2,y2`).")
-    sam = base_sam2(model.model if isinstance(model, DomainAdapters) else model)
-    preprocessor = Preprocessor.from_model(sam)
-    pixels = torch.from_numpy(normalize_intensity(to_hwc(read_file(image), what=str(image)), intensity))
+    network = model.model if isinstance(model, DomainAdapters) else model
+    preprocessor = Preprocessor.from_model(base_sam2(network))
+    config = resolve_data_config(data or DataConfig(), adapter_preprocessing(network, domain),
+                                 where=f"adapter {domain!r}" if domain else "the active adapter")
+    raw = to_hwc(read_file(image), what=str(image))
+    pixels = torch.from_numpy(normalize_intensity(raw, config.intensity_config()))
     height, width = pixels.shape[-2:]
     boxes_in = preprocessor.scale_coords(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 2, 2), (height, width))
     image_index = torch.zeros(len(boxes), dtype=torch.long)

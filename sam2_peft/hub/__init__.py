@@ -7,7 +7,8 @@
 
 On disk (fixed formats): PEFT strategies write a standard PEFT folder (`adapter_config.json`,
 `adapter_model.safetensors`, `README.md`); decoder/partial/full write `trained_tensors.safetensors`; both add
-`sam2_peft.json`, the compatibility record `load_adapter` checks before touching any weight.
+`sam2_peft.json`, the compatibility record `load_adapter` checks before touching any weight, and training outputs
+`preprocessor_config.json`, the preprocessing the adapter was trained with (`sam2_peft.hub.preprocessing`).
 """
 
 from sam2_peft.hub.domains import DomainAdapters, predict
@@ -22,14 +23,25 @@ from sam2_peft.hub.files import (
     resolve_adapter,
 )
 from sam2_peft.hub.load import AdapterMismatchError, check_compatible, load_adapter
+from sam2_peft.hub.preprocessing import (
+    AdapterPreprocessing,
+    PreprocessingError,
+    adapter_preprocessing,
+    read_preprocessing,
+    resolve_data_config,
+    write_preprocessing,
+)
 from sam2_peft.hub.save import build_model_card, push_adapter, save_adapter
 
 __all__ = [
     "ADAPTER_FILES",
     "AdapterFileError",
     "AdapterMismatchError",
+    "AdapterPreprocessing",
     "DomainAdapters",
+    "PreprocessingError",
     "adapter_files",
+    "adapter_preprocessing",
     "atomic_file",
     "atomic_folder",
     "base_fingerprint",
@@ -39,6 +51,9 @@ __all__ = [
     "load_adapter",
     "predict",
     "push_adapter",
+    "read_preprocessing",
     "resolve_adapter",
+    "resolve_data_config",
     "save_adapter",
+    "write_preprocessing",
 ]

@@ -23,6 +23,12 @@ from torch import nn
 
 from sam2_peft.hub.files import PEFT_CONFIG, PEFT_WEIGHTS, read_json, resolve_adapter
 from sam2_peft.hub.load import check_compatible, load_adapter
+from sam2_peft.hub.preprocessing import (
+    AdapterPreprocessing,
+    adapter_preprocessing,
+    read_preprocessing,
+    record_preprocessing,
+)
 from sam2_peft.segmenter import Sam2Segmenter, SegmenterOutput, combine_prompts
 
 
@@ -91,9 +97,20 @@ class DomainAdapters:
                 f"Register it as its own domain instead: `.add('<new name>', {str(adapter)!r})` then `.use(...)`."
             )
         check_compatible(self.model, folder, where=f"adapter {str(adapter)!r}")
+        preprocessing = read_preprocessing(folder, self.model)
         device = next(self.model.parameters()).device
         hotswap_adapter(self.model, str(folder), adapter_name=name, torch_device=str(device))
+        record_preprocessing(self.model, name, preprocessing)
         return self
+
+    def preprocessing(self, name: str) -> AdapterPreprocessing | None:
+        """The preprocessing domain `name`'s adapter was trained with (None for adapters saved without one).
+
+        Example:
+            >>> pixels = normalize_intensity(image, domains.preprocessing("ct").intensity_config())
+        """
+        self._require(name)
+        return adapter_preprocessing(self.model, name)
 
     def prepare_for_compile(self, target_rank: int) -> DomainAdapters:
         """Pad the LoRA weights to `target_rank` (the largest rank you will hot-swap in) before `torch.compile`.
@@ -127,6 +144,10 @@ class DomainAdapters:
             raise ValueError(f"Got {len(weights)} weights for {len(names)} domains {list(names)}; give one each.")
         self.model.add_weighted_adapter(list(names), list(weights), new_name, combination_type=combination_type,
                                         **options)
+        # A combination keeps its parts' preprocessing when they agree; otherwise there is none to apply.
+        records = [adapter_preprocessing(self.model, name) for name in names]
+        agreed = all(record == records[0] for record in records)
+        record_preprocessing(self.model, new_name, records[0] if agreed else None)
         return self
 
     def _require(self, name: str) -> None:

@@ -30,8 +30,9 @@ TRAINED_TENSORS = "trained_tensors.safetensors"
 SAM2_PEFT_JSON = "sam2_peft.json"
 MODEL_CARD = "README.md"
 METRICS = "metrics.json"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 # The only files an adapter is made of: we write, push, download and read nothing else.
-ADAPTER_FILES = (PEFT_CONFIG, PEFT_WEIGHTS, TRAINED_TENSORS, SAM2_PEFT_JSON, MODEL_CARD, METRICS)
+ADAPTER_FILES = (PEFT_CONFIG, PEFT_WEIGHTS, TRAINED_TENSORS, SAM2_PEFT_JSON, MODEL_CARD, METRICS, PREPROCESSOR_CONFIG)
 # Weight formats that unpickle (and so can run code) when loaded.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")

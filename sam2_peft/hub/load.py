@@ -27,6 +27,7 @@ from sam2_peft.hub.files import (
     read_json,
     resolve_adapter,
 )
+from sam2_peft.hub.preprocessing import note_missing, read_preprocessing, record_preprocessing
 from sam2_peft.segmenter import base_sam2
 
 # PEFT's state-dict keys start with this; the rest is the module path inside the Sam2Model.
@@ -64,6 +65,10 @@ def load_adapter(
         AdapterMismatchError: the adapter's tensors do not fit this model (another size or configuration). The
             model is unchanged.
         AdapterFileError: the folder or repository is not a safe, complete adapter.
+        PreprocessingError: its `preprocessor_config.json` is malformed or another family's.
+
+    The adapter's preprocessing (`preprocessor_config.json`) is recorded on the model under `adapter_name`, for
+    `adapter_preprocessing(model)`; adapters saved without one (older ones) record None and log a note.
 
     Example:
         >>> model = load_adapter(load_sam2("tiny-random"), "runs/lora/final")
@@ -71,12 +76,18 @@ def load_adapter(
     folder = resolve_adapter(adapter, revision)
     where = f"adapter {str(adapter)!r}"
     check_compatible(model, folder, where=where)
+    preprocessing = read_preprocessing(folder, model)  # a malformed record fails here, before any weight moves
+    if preprocessing is None:
+        note_missing(where)
     if (folder / PEFT_WEIGHTS).is_file():
         if isinstance(model, PeftModel):
             model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
-            return model
-        return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
-    return _load_tensors(model, folder / TRAINED_TENSORS, is_trainable)
+        else:
+            model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+    else:
+        model = _load_tensors(model, folder / TRAINED_TENSORS, is_trainable)
+    record_preprocessing(model, adapter_name, preprocessing)
+    return model
 
 
 def check_compatible(model: nn.Module, folder: Path, *, where: str = "the adapter") -> None:

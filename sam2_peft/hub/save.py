@@ -28,6 +28,8 @@ from sam2_peft.hub.files import (
     read_json,
     write_sam2_peft_json,
 )
+from sam2_peft.data.config import DataConfig
+from sam2_peft.hub.preprocessing import write_preprocessing
 from sam2_peft.segmenter import base_sam2
 
 _CARD_TEMPLATE = """---
@@ -76,6 +78,7 @@ def save_adapter(
     datasets: list[str] | None = None,
     trained_only: bool = True,
     base_fingerprint: str | None = None,
+    data: DataConfig | None = None,
 ) -> Path:
     """Save what a strategy trained, with `sam2_peft.json` and a model card, replacing `output_dir` atomically.
 
@@ -97,6 +100,9 @@ def save_adapter(
         base_fingerprint: `model_fingerprint` of the base taken before training (the training loop passes it).
             Default: computed from `model`; for trained tensors, from its frozen weights only, since the trained
             ones have changed. `load_adapter` accepts either form.
+        data: the data configuration the model was trained with: written as `preprocessor_config.json`
+            (`Sam2ImageProcessor`'s file plus the intensity, CT window and mask settings), which eval, predict and
+            the demo then apply. Without it the folder has no record, and loaders use their flags or the defaults.
 
     Returns:
         The adapter folder.
@@ -116,6 +122,8 @@ def save_adapter(
             # safetensors refuses shared storage: give each tensor its own contiguous copy.
             save_file({key: t.detach().cpu().contiguous().clone() for key, t in tensors.items()},
                       tmp / TRAINED_TENSORS, metadata={"format": "pt"})
+        if data is not None:
+            write_preprocessing(tmp, model, data)
         write_sam2_peft_json(tmp, base_model_name_or_path=base_name, fingerprint=fingerprint, strategy=strategy,
                              revision=revision)
         card = build_model_card(base_model_name_or_path=base_name, fingerprint=fingerprint, strategy=strategy,
