@@ -5,6 +5,7 @@
     sam2-peft merge    --model M --adapter A --output_dir DIR [--format hf|sam2]
     sam2-peft push     ADAPTER_DIR --repo_id USER/NAME [--private] [--revision REV]
     sam2-peft convert  --sam2_checkpoint FILE.pt --sam2_config NAME --output_dir DIR
+    sam2-peft export   --model M [--adapter A] --format onnx --output_dir DIR [--quantize int8]
     sam2-peft data     DIR [--mask_type instance|semantic]
     sam2-peft predict  --model M [--adapter NAME=A ...] [--domain NAME] --image IMG --box X1,Y1,X2,Y2 --output PNG
 """
@@ -22,6 +23,7 @@ COMMANDS = {
     "merge": "fold an adapter into its base: a Hugging Face folder or an official sam2 checkpoint",
     "push": "upload an adapter folder to the Hugging Face Hub",
     "convert": "convert an official sam2 checkpoint (.pt) into a Hugging Face model folder",
+    "export": "export a model (and adapter, merged) as ONNX: encoder.onnx, decoder.onnx, metadata.json",
     "data": "check a dataset: images, objects, and what would be skipped and why",
     "predict": "segment boxes in an image file, choosing a domain's adapter with --domain",
 }
@@ -118,6 +120,36 @@ def _convert(args: list[str]) -> None:
     parsed = parser.parse_args(args)
     path = convert_checkpoint(parsed.sam2_checkpoint, parsed.sam2_config, parsed.output_dir)
     print(f"Hugging Face model folder written to {path}")
+
+
+def _export(args: list[str]) -> None:
+    from sam2_peft.hub import adapter_preprocessing, load_adapter
+    from sam2_peft.models import load_sam2
+    from sam2_peft.onnx_export import QUANTIZE_MODES, export_onnx
+
+    parser = argparse.ArgumentParser(prog="sam2-peft export", description=COMMANDS["export"])
+    parser.add_argument("--model", required=True, help="base model: Hub id, local folder, official .pt or tiny-random")
+    parser.add_argument("--adapter", default=None, help="adapter folder (e.g. DIR/final) or Hub id, merged in")
+    parser.add_argument("--format", default="onnx", choices=["onnx"])
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument(
+        "--quantize", default=None, choices=QUANTIZE_MODES,
+        help="also write a dynamically quantised pair (encoder_int8.onnx, decoder_int8.onnx)",
+    )
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset, 14 to 20 (default 17)")
+    parser.add_argument("--sam2_config", default=None, help="official config name for a .pt --model (guessed if unset)")
+    parser.add_argument("--revision", default=None, help="adapter revision on the Hub")
+    _add_hub_kernels_flag(parser)
+    parsed = parser.parse_args(args)
+    model = load_sam2(parsed.model, sam2_config=parsed.sam2_config, hub_kernels=parsed.hub_kernels)
+    preprocessing = None
+    if parsed.adapter is not None:
+        model = load_adapter(model, parsed.adapter, revision=parsed.revision)  # refuses another base's adapter
+        record = adapter_preprocessing(model)
+        preprocessing = None if record is None else record.data
+    path = export_onnx(model, parsed.output_dir, quantize=parsed.quantize, preprocessing=preprocessing,
+                       opset=parsed.opset)
+    print(f"ONNX encoder, decoder and metadata.json written to {path}")
 
 
 def _eval(args: list[str]) -> None:
@@ -229,6 +261,7 @@ HANDLERS = {
     "merge": _merge,
     "push": _push,
     "convert": _convert,
+    "export": _export,
     "data": _data,
     "predict": _predict,
 }
