@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 
 from sam2_peft.config import TrainConfig, parse_config
+from sam2_peft.errors import run_command
 from sam2_peft.finetune import finetune
+
+CONFIG = Path(__file__).parent / "configs" / "full_finetune.yaml"
 
 
 def main(cfg: TrainConfig) -> dict:
@@ -18,4 +21,5 @@ def main(cfg: TrainConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:], default_config=Path(__file__).parent / "configs" / "full_finetune.yaml"))
+    # A user error (bad data, a wrong flag) ends with its message and exit status 2; --debug shows the traceback.
+    run_command(lambda argv: main(parse_config(argv, default_config=CONFIG)), sys.argv[1:], prog=Path(__file__).name)

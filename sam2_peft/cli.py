@@ -16,6 +16,8 @@ import argparse
 import logging
 import sys
 
+from sam2_peft.errors import ConfigError, run_command
+
 COMMANDS = {
     "train": "fine-tune SAM2 (fields from --config YAML, overridden by --<field> VALUE)",
     "eval": "evaluate a model (and adapter) on a dataset with a fixed prompt protocol",
@@ -227,7 +229,7 @@ def _predict(args: list[str]) -> None:
         try:
             x1, y1, x2, y2 = (float(value) for value in box.split(","))
         except ValueError:
-            raise ValueError(f"--box {box}: expected four comma-separated numbers x1,y1,x2,y2.") from None
+            raise ConfigError(f"--box {box}: expected four comma-separated numbers x1,y1,x2,y2.") from None
         boxes.append((x1, y1, x2, y2))
     model = load_sam2(parsed.model, hub_kernels=parsed.hub_kernels)
     named = [spec.split("=", 1) if "=" in spec else (None, spec) for spec in parsed.adapter]
@@ -235,11 +237,11 @@ def _predict(args: list[str]) -> None:
         model = DomainAdapters(model)
         for name, path in named:
             if name is None:
-                raise ValueError(f"--adapter {path}: name every adapter (NAME=PATH) when registering domains.")
+                raise ConfigError(f"--adapter {path}: name every adapter (NAME=PATH) when registering domains.")
             model.add(name, path)
     elif named:
         if len(named) > 1 or parsed.domain:
-            raise ValueError("Several adapters or --domain need names: --adapter NAME=PATH.")
+            raise ConfigError("Several adapters or --domain need names: --adapter NAME=PATH.")
         model = load_adapter(model, named[0][1])
     labels = segment_image(model, parsed.image, boxes, domain=parsed.domain, data=data)
     path = save_label_map(labels, parsed.output)
@@ -267,8 +269,17 @@ HANDLERS = {
 }
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The `sam2-peft` console script: `main`, ending with one message and exit status 2 on a user error
+    (`--debug` or `SAM2_PEFT_DEBUG=1` shows the traceback; see `sam2_peft.errors`)."""
+    run_command(main, sys.argv[1:] if argv is None else argv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Dispatch `sam2-peft <command> ...`; each command parses its own flags (`sam2-peft <command> --help`)."""
+    """Dispatch `sam2-peft <command> ...`; each command parses its own flags (`sam2-peft <command> --help`).
+
+    Errors propagate (for callers and tests); the console script, `run`, reports user errors as one message.
+    """
     argv = sys.argv[1:] if argv is None else argv
     usage = "\n".join(f"  {name:<8} {text}" for name, text in COMMANDS.items())
     parser = argparse.ArgumentParser(
@@ -288,4 +299,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run()

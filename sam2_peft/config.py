@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from sam2_peft.data.config import DataConfig, read_yaml_fields
+from sam2_peft.data.config import DataConfig, parse_strictly, read_yaml_fields
+from sam2_peft.errors import ConfigError
 from sam2_peft.strategies import NON_PEFT_STRATEGIES, PEFT_STRATEGIES
 
 # Learning rates that work for each strategy on SAM2 (the more of the network trains, the gentler the step).
@@ -112,36 +113,36 @@ class TrainConfig(DataConfig):
             setattr(self, name, value)
         known = NON_PEFT_STRATEGIES + PEFT_STRATEGIES
         if self.strategy not in known:
-            raise ValueError(f"`--strategy {self.strategy}` is unknown; choose one of {', '.join(known)}.")
+            raise ConfigError(f"`--strategy {self.strategy}` is unknown; choose one of {', '.join(known)}.")
         if self.strategy == "partial" and self.num_blocks is None and self.blocks is None:
-            raise ValueError("`--strategy partial` needs `--num_blocks N` (the last N Hiera blocks) or `--blocks`.")
+            raise ConfigError("`--strategy partial` needs `--num_blocks N` (the last N Hiera blocks) or `--blocks`.")
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
-            raise ValueError(f"`--mixed_precision {self.mixed_precision}` is unknown; use no, bf16 or fp16.")
+            raise ConfigError(f"`--mixed_precision {self.mixed_precision}` is unknown; use no, bf16 or fp16.")
         if self.decoder_mode not in ("frozen", "full", "adapter"):
-            raise ValueError(f"`--decoder_mode {self.decoder_mode}` is unknown; use frozen, full or adapter.")
+            raise ConfigError(f"`--decoder_mode {self.decoder_mode}` is unknown; use frozen, full or adapter.")
         if self.eval_metric not in ("dice", "iou"):
-            raise ValueError(f"`--eval_metric {self.eval_metric}` is unknown; use dice or iou.")
+            raise ConfigError(f"`--eval_metric {self.eval_metric}` is unknown; use dice or iou.")
         if self.report_to not in ("none", "tensorboard", "wandb", "all"):
-            raise ValueError(f"`--report_to {self.report_to}` is unknown; use none, tensorboard, wandb or all.")
+            raise ConfigError(f"`--report_to {self.report_to}` is unknown; use none, tensorboard, wandb or all.")
         for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "max_objects_per_image", "logging_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"`--{name}` must be at least 1, got {getattr(self, name)}.")
+                raise ConfigError(f"`--{name}` must be at least 1, got {getattr(self, name)}.")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"`--max_steps` must be at least 1, got {self.max_steps}.")
+            raise ConfigError(f"`--max_steps` must be at least 1, got {self.max_steps}.")
         for name in ("eval_steps", "checkpoint_steps", "early_stopping_patience"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"`--{name}` must be at least 1 (or unset), got {getattr(self, name)}.")
+                raise ConfigError(f"`--{name}` must be at least 1 (or unset), got {getattr(self, name)}.")
         for name in ("max_nonfinite_steps", "cache_views", "checkpoint_total_limit", "checkpoint_strips",
                      "objects_per_checkpoint"):
             if getattr(self, name) < 1:
-                raise ValueError(f"`--{name}` must be at least 1, got {getattr(self, name)}.")
+                raise ConfigError(f"`--{name}` must be at least 1, got {getattr(self, name)}.")
         if self.checkpoint_total_limit < 2:
-            raise ValueError("`--checkpoint_total_limit` must be at least 2, so a crash while saving leaves one intact.")
+            raise ConfigError("`--checkpoint_total_limit` must be at least 2, so a crash while saving leaves one intact.")
         for name in ("warmup_ratio", "box_jitter", "lora_dropout"):
             if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"`--{name}` must be in [0, 1), got {getattr(self, name)}.")
+                raise ConfigError(f"`--{name}` must be in [0, 1), got {getattr(self, name)}.")
         if not 0 <= self.box_probability <= 1:
-            raise ValueError(f"`--box_probability` must be in [0, 1], got {self.box_probability}.")
+            raise ConfigError(f"`--box_probability` must be in [0, 1], got {self.box_probability}.")
         if self.learning_rate is None:
             group = self.strategy if self.strategy in NON_PEFT_STRATEGIES else "peft"
             self.learning_rate = DEFAULT_LEARNING_RATES[group]
@@ -167,7 +168,7 @@ class TrainConfig(DataConfig):
         try:
             return [int(part) for part in self.blocks.split(",")]
         except ValueError:
-            raise ValueError(f"`--blocks {self.blocks}` is not understood; use 'last:4', 'first:2' or '0,3,5'.") from None
+            raise ConfigError(f"`--blocks {self.blocks}` is not understood; use 'last:4', 'first:2' or '0,3,5'.") from None
 
     def strategy_options(self) -> dict:
         """The options `apply_strategy` takes for this config's strategy."""
@@ -211,5 +212,5 @@ def parse_config(args: list[str] | None = None, default_config: str | Path | Non
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         parser.set_defaults(**read_yaml_fields(config_path, fields, "sam2-peft train"))
     # The extra namespace holds `--config` itself.
-    config, _ = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=False, look_for_args_file=False)
+    config, _ = parse_strictly(parser, args)
     return config

@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 from transformers import Sam2Model
 
+from sam2_peft.data.config import DataConfig
+from sam2_peft.errors import UserError
+from sam2_peft.hub.preprocessing import adapter_preprocessing, write_preprocessing
 from sam2_peft.interop.official_config import (
     config_mismatches,
     guess_official_config,
@@ -32,8 +35,6 @@ from sam2_peft.interop.official_config import (
     official_yaml_path,
 )
 from sam2_peft.interop.official_keys import hf_to_official, is_video_only, key_problems, official_to_hf
-from sam2_peft.data.config import DataConfig
-from sam2_peft.hub.preprocessing import adapter_preprocessing, write_preprocessing
 from sam2_peft.models import build_image_processor
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ VIDEO_INIT_SEED = 0
 EXPORT_FORMATS = ("hf", "sam2")
 
 
-class OfficialCheckpointError(ValueError):
+class OfficialCheckpointError(UserError, ValueError):
     """Raised when an official checkpoint cannot be read, or does not fit the model or configuration."""
 
 

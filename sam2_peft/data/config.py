@@ -21,6 +21,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from sam2_peft.data.intensity import IntensityConfig
+from sam2_peft.errors import ConfigError, MissingFileError
 
 # The fields that decide what the model sees and how masks become objects: they travel with an adapter.
 PREPROCESSING_FIELDS = ("intensity", "intensity_percentiles", "ct_window", "mask_type", "num_classes")
@@ -62,13 +63,13 @@ class DataConfig:
 
     def __post_init__(self):
         if self.mask_type not in (None, "instance", "semantic"):
-            raise ValueError(f"`--mask_type {self.mask_type}` is unknown; use instance or semantic.")
+            raise ConfigError(f"`--mask_type {self.mask_type}` is unknown; use instance or semantic.")
         if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"`--val_fraction` must be in [0, 1), got {self.val_fraction}.")
+            raise ConfigError(f"`--val_fraction` must be in [0, 1), got {self.val_fraction}.")
         if self.num_classes is not None and self.num_classes < 1:
-            raise ValueError(f"`--num_classes` must be at least 1, got {self.num_classes}.")
+            raise ConfigError(f"`--num_classes` must be at least 1, got {self.num_classes}.")
         if self.num_workers < 0:
-            raise ValueError(f"`--num_workers` must be >= 0, got {self.num_workers}.")
+            raise ConfigError(f"`--num_workers` must be >= 0, got {self.num_workers}.")
         self.intensity_config()  # validates intensity, intensity_percentiles and ct_window together
 
     def resolved(self) -> DataConfig:
@@ -85,7 +86,7 @@ class DataConfig:
             try:
                 level, width = (float(part) for part in self.ct_window.split(","))
             except ValueError:
-                raise ValueError(f"`--ct_window {self.ct_window}`: use a preset or 'level,width', e.g. '40,400'.") from None
+                raise ConfigError(f"`--ct_window {self.ct_window}`: use a preset or 'level,width', e.g. '40,400'.") from None
             return IntensityConfig(mode="window", window=(level, width))
         return IntensityConfig(mode="window", window=self.ct_window)
 
@@ -114,9 +115,9 @@ def _percentiles(text: str) -> tuple[float, float]:
     try:
         low, high = (float(part) for part in str(text).split(","))
     except ValueError:
-        raise ValueError(f"`--intensity_percentiles {text}`: use 'low,high', e.g. '0.5,99.5'.") from None
+        raise ConfigError(f"`--intensity_percentiles {text}`: use 'low,high', e.g. '0.5,99.5'.") from None
     if not 0 <= low < high <= 100:
-        raise ValueError(f"`--intensity_percentiles {text}` must satisfy 0 <= low < high <= 100.")
+        raise ConfigError(f"`--intensity_percentiles {text}` must satisfy 0 <= low < high <= 100.")
     return low, high
 
 
@@ -130,13 +131,13 @@ def read_yaml_fields(path: str | Path, allowed: set[str], what: str) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file.")
+        raise MissingFileError(f"--config {path}: no such file.")
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of field: value, got {type(values).__name__}.")
+        raise ConfigError(f"{path}: expected a mapping of field: value, got {type(values).__name__}.")
     unknown = sorted(set(values) - allowed)
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys are the `{what} --help` flags.")
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; valid keys are the `{what} --help` flags.")
     return values
 
 
@@ -161,5 +162,16 @@ def parse_data_args(parser: HfArgumentParser, args: list[str]):
     if known.config is not None:
         fields = {f.name for f in dataclasses.fields(DataConfig)}
         parser.set_defaults(**read_yaml_fields(known.config, fields, parser.prog))
-    data, extra = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=False, look_for_args_file=False)
+    data, extra = parse_strictly(parser, args)
     return data, extra
+
+
+def parse_strictly(parser: HfArgumentParser, args: list[str]) -> tuple:
+    """`parser.parse_args_into_dataclasses(args)`, refusing flags that no field or option takes with a `ConfigError`
+    naming them (the last output is the namespace of non-dataclass options, e.g. `--config`)."""
+    *outputs, remaining = parser.parse_args_into_dataclasses(
+        args=args, return_remaining_strings=True, look_for_args_file=False
+    )
+    if remaining:
+        raise ConfigError(f"Unknown flag(s) {remaining}; `{parser.prog} --help` lists the flags.")
+    return tuple(outputs)

@@ -19,6 +19,8 @@ import PIL.ImageOps
 import png
 import tifffile
 
+from sam2_peft.errors import UserError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MASK_SUFFIXES = (".png", ".tif", ".tiff")
 MASK_TYPES = ("instance", "semantic")
@@ -26,7 +28,7 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Raised for input data that cannot be used as it is; the message names the file or column and the fix."""
 
 

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from sam2_peft.errors import UserError
 from sam2_peft.models import model_fingerprint
 from sam2_peft.segmenter import base_sam2
 
@@ -38,7 +39,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
-class AdapterFileError(ValueError):
+class AdapterFileError(UserError, ValueError):
     """Raised when an adapter folder or repository is missing files or holds files we refuse to read."""
 
 

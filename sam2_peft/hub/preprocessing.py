@@ -25,6 +25,7 @@ from torch import nn
 
 from sam2_peft.data.config import INTENSITY_FIELDS, PREPROCESSING_FIELDS, DataConfig
 from sam2_peft.data.intensity import IntensityConfig
+from sam2_peft.errors import UserError
 from sam2_peft.hub.files import PREPROCESSOR_CONFIG
 from sam2_peft.models import build_image_processor
 from sam2_peft.segmenter import base_sam2
@@ -39,7 +40,7 @@ _PROCESSOR_TYPES = ("Sam2ImageProcessor", "Sam2ImageProcessorFast")
 _REGISTRY = "_sam2_peft_preprocessing"
 
 
-class PreprocessingError(ValueError):
+class PreprocessingError(UserError, ValueError):
     """Raised when an adapter's `preprocessor_config.json` is malformed or made for another model family."""
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 from transformers import Sam2Config
 
+from sam2_peft.errors import UserError
+
 OFFICIAL_CONFIGS = tuple(f"{v}_hiera_{s}" for v in ("sam2.1", "sam2") for s in ("t", "s", "b+", "l"))
 
 # The trunk settings of the shipped YAMLs, written as they are there (keys left out take the `Hiera` defaults below).
@@ -53,7 +55,7 @@ _FILE_SIZES = {"tiny": "t", "t": "t", "small": "s", "s": "s", "base_plus": "b+",
                "b+": "b+", "large": "l", "l": "l"}
 
 
-class OfficialConfigError(ValueError):
+class OfficialConfigError(UserError, ValueError):
     """Raised when an official sam2 configuration cannot be read or has no `Sam2Model` counterpart."""
 
 

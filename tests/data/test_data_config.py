@@ -6,6 +6,7 @@ import pytest
 
 from sam2_peft.config import TrainConfig, parse_config
 from sam2_peft.data.config import DataConfig, build_data_parser, parse_data_args
+from sam2_peft.errors import ConfigError
 
 
 def test_train_config_is_a_data_config_with_the_defaults_resolved():
@@ -27,7 +28,7 @@ def test_command_parsers_read_yaml_then_flags_and_refuse_unknown_keys(tmp_path):
     config.write_text("data: scans\nlearning_rate: 0.1\n")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['learning_rate'\].*`sam2-peft eval --help`"):
         parse_data_args(parser, ["--config", str(config), "--model", "m"])
-    with pytest.raises(ValueError, match=r"not used by the HfArgumentParser: \['--intensty', 'minmax'\]"):
+    with pytest.raises(ConfigError, match=r"Unknown flag\(s\) \['--intensty', 'minmax'\]; `sam2-peft eval --help`"):
         parse_data_args(parser, ["--model", "m", "--intensty", "minmax"])
 
 
