@@ -196,7 +196,8 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     adapter_parts = {"modules_to_save"}
     for module in sam.modules():
         if isinstance(module, BaseTunerLayer):
-            adapter_parts.update(module.adapter_layer_names)
+            # `other_param_names` holds shared adapter tensors too (VeRA's vera_A/vera_B), not base weights.
+            adapter_parts.update(module.adapter_layer_names, module.other_param_names)
     state = {}
     for key, tensor in sam.state_dict().items():
         parts = key.split(".")
@@ -225,8 +226,12 @@ def portable_base_name(name: str | None, fingerprint: str) -> str:
 
 
 def write_sam2_peft_json(folder: Path, *, base_model_name_or_path: str, fingerprint: str, strategy: str,
-                         revision: str | None) -> None:
-    """Write the small compatibility record that `load_adapter` checks before touching any weight."""
+                         revision: str | None, adapted_shapes: dict[str, list[int]] | None = None) -> None:
+    """Write the small compatibility record that `load_adapter` checks before touching any weight.
+
+    `adapted_shapes` (a PEFT adapter's adapted modules and their weight shapes) lets the check refuse another base
+    even for tuners whose tensors do not depend on the base's shapes (FourierFT).
+    """
     record = {
         "base_model_name_or_path": base_model_name_or_path,
         "base_fingerprint": fingerprint,
@@ -234,6 +239,8 @@ def write_sam2_peft_json(folder: Path, *, base_model_name_or_path: str, fingerpr
         "revision": revision,
         "sam2_peft_version": metadata.version("sam2-peft"),
     }
+    if adapted_shapes:
+        record["adapted_shapes"] = adapted_shapes
     (folder / SAM2_PEFT_JSON).write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -6,16 +6,23 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
+from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from peft import PeftModel, PeftType
+from peft import PeftConfig, PeftModel, PeftType, get_peft_model, get_peft_model_state_dict
+from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+from peft.utils import ModulesToSaveWrapper
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from sam2_peft.errors import UserError
 from sam2_peft.hub.files import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
@@ -35,7 +42,7 @@ _PEFT_PREFIX = "base_model.model."
 _MAX_LISTED = 5
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(UserError, ValueError):
     """Raised when an adapter was made for a base with another architecture than the model it is loaded onto."""
 
 
@@ -93,36 +100,43 @@ def load_adapter(
 def check_compatible(model: nn.Module, folder: Path, *, where: str = "the adapter") -> None:
     """Refuse an adapter folder whose tensors do not fit `model`; warn when only the base weights differ.
 
-    Checks, without loading any tensor: every tensor of the adapter names a module or weight that exists in the
-    model, with matching shapes (LoRA `A` matrices against input sizes, `B` against output sizes, saved modules
-    exactly). When `sam2_peft.json` records a base fingerprint that differs from the model's, the architecture
-    still fits (different weights, or another dtype): that is a warning.
+    Checks, without loading any tensor or touching `model`: PEFT folders are injected, with their own
+    `adapter_config.json`, into a meta-device copy of the modules they target, and the adapter tensors that this
+    gives must be the file's, key for key and shape for shape (any tuner, `modules_to_save` included); the weight
+    shapes that `sam2_peft.json` records for the adapted modules (`adapted_shapes`) must be the model's, which
+    catches FourierFT, whose tensors have the same shapes on every base. Trained tensors must be weights of the
+    model with the same shapes. When `sam2_peft.json` records a base fingerprint that differs from the model's, the
+    architecture still fits (different weights, or another dtype): that is a warning.
 
     Raises:
-        AdapterMismatchError: listing up to five offending tensors and the fix.
+        AdapterMismatchError: listing up to five offending modules or tensors, their shapes, and the fix.
     """
     base = {key: tuple(t.shape) for key, t in base_state_dict(model).items()}
+    record = read_json(folder, SAM2_PEFT_JSON) or {}
     peft = (folder / PEFT_WEIGHTS).is_file()
     if peft:
         _check_peft_config(folder)
+        config = PeftConfig.from_pretrained(str(folder))
         shapes = _header_shapes(folder / PEFT_WEIGHTS)
-        problems = _peft_problems(shapes, base)
+        problems = _recorded_problems(record.get("adapted_shapes", {}), base)
+        problems = problems or _peft_problems(base_sam2(model), config, shapes)
     else:
         if isinstance(model, PeftModel):
             raise AdapterMismatchError(
                 f"{where} holds trained tensors (from a decoder/partial/full run) and must be loaded onto a plain "
                 "Sam2Model, not a PeftModel: load it first, then add PEFT adapters."
             )
+        config = None
         shapes = _header_shapes(folder / TRAINED_TENSORS)
         problems = _tensor_problems(shapes, base)
-    record = read_json(folder, SAM2_PEFT_JSON) or {}
     if problems:
+        made_for = record.get("base_model_name_or_path") or getattr(config, "base_model_name_or_path", None)
         listed = "; ".join(problems[:_MAX_LISTED])
         listed += f"; ... ({len(problems)} in all)" if len(problems) > _MAX_LISTED else ""
         raise AdapterMismatchError(
-            f"{where} was made for another base ({record.get('base_model_name_or_path', 'unknown')}) and does not "
-            f"fit this model: {listed}. Load the base it was trained on (see {SAM2_PEFT_JSON} or "
-            f"base_model_name_or_path in {PEFT_CONFIG}). Nothing was loaded."
+            f"{where} was made for another base ({made_for or 'unknown'}) and does not fit this model: {listed}. "
+            f"Load the base it was trained on (see {SAM2_PEFT_JSON} or base_model_name_or_path in {PEFT_CONFIG}). "
+            "Nothing was loaded."
         )
     expected = record.get("base_fingerprint")
     # Trained tensors record either the whole base or, when saved without it, only its frozen part.
@@ -134,6 +148,27 @@ def check_compatible(model: nn.Module, folder: Path, *, where: str = "the adapte
             f"{actual}: same architecture, different weights or dtype. Results may differ from the reported metrics.",
             stacklevel=3,
         )
+
+
+def adapted_shapes(model: PeftModel) -> dict[str, list[int]]:
+    """Return the weight shape of every module the active adapter adapts, keyed by its name in the base.
+
+    `save_adapter` records this as `adapted_shapes` in `sam2_peft.json`, and `check_compatible` compares it with the
+    model an adapter is loaded onto: some tuners' tensors (FourierFT's spectrum) have the same shapes on any base.
+
+    Example:
+        >>> shapes = adapted_shapes(apply_strategy(load_sam2("tiny-random"), "fourierft"))
+        >>> shapes["vision_encoder.backbone.blocks.0.attn.qkv"]
+        [72, 24]
+    """
+    active = model.active_adapter
+    shapes = {}
+    for name, module in base_sam2(model).named_modules():
+        if isinstance(module, BaseTunerLayer) and active in module.active_adapters:
+            weight = getattr(module.get_base_layer(), "weight", None)
+            if weight is not None:
+                shapes[name] = list(weight.shape)
+    return shapes
 
 
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -151,37 +186,144 @@ def _check_peft_config(folder: Path) -> None:
         )
 
 
-def _owner(name: str, base: dict[str, tuple[int, ...]]) -> tuple[str, str] | None:
-    """Split an adapter tensor name into (the base module it adapts, the adapter's part name)."""
-    parts = name.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        module = ".".join(parts[:cut])
-        if f"{module}.weight" in base:
-            return module, parts[cut]
-    return None
-
-
-def _peft_problems(shapes: dict[str, tuple[int, ...]], base: dict[str, tuple[int, ...]]) -> list[str]:
+def _recorded_problems(recorded: dict[str, list[int]], base: dict[str, tuple[int, ...]]) -> list[str]:
     problems = []
-    for key, shape in shapes.items():
-        name = ".".join(p for p in key.removeprefix(_PEFT_PREFIX).split(".") if p != "modules_to_save")
-        if name in base:  # a module saved whole (`modules_to_save`)
-            if shape != base[name]:
-                problems.append(f"{name} has shape {shape}, the model's {base[name]}")
-            continue
-        owner = _owner(name, base)
-        if owner is None:
-            problems.append(f"{name} adapts a module this model does not have")
-            continue
-        module, part = owner
-        weight = base[f"{module}.weight"]
-        # LoRA: A is (r, in, ...), B is (out, r, ...), DoRA's magnitude is (out,); as in nn.Linear / nn.Conv2d.
-        checks = {"lora_A": (1, 1), "lora_B": (0, 0), "lora_magnitude_vector": (0, 0)}
-        if part in checks:
-            axis, base_axis = checks[part]
-            if len(shape) <= axis or len(weight) <= base_axis or shape[axis] != weight[base_axis]:
-                problems.append(f"{name} has shape {shape}, which does not fit {module}.weight of shape {weight}")
+    for module, shape in recorded.items():
+        found = base.get(f"{module}.weight")
+        if found is None:
+            problems.append(f"{module} (weight {tuple(shape)}) is not in this model")
+        elif found != tuple(shape):
+            problems.append(f"{module} had weight shape {tuple(shape)} in the adapter's base, {found} in this model")
     return problems
+
+
+def _peft_problems(sam: nn.Module, config: PeftConfig, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Compare the file's tensors with those `config` gives on a meta copy of `sam`'s targeted modules."""
+    if config.peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:  # prompt learning: no layers to inject
+        return []
+    modules, targeted = _selected_modules(sam, config)
+    try:
+        # With no target in this model PEFT refuses to inject: the targets' tensors are reported below, by module.
+        expected, adapted = _expected_shapes(modules, config) if targeted else ({}, set())
+    except ValueError as err:  # PEFT refuses the config on these modules (e.g. a BOFT block size that does not divide)
+        return [_injection_problem(modules, config, err)]
+    problems = [
+        f"{key.removeprefix(_PEFT_PREFIX)} has shape {shape} in the adapter but this model needs {expected[key]}"
+        for key, shape in shapes.items()
+        if key in expected and shape != expected[key]
+    ]
+    # Tensors for modules this model lacks, one line per module.
+    absent = defaultdict(int)
+    for key in sorted(shapes.keys() - expected.keys()):
+        name = key.removeprefix(_PEFT_PREFIX)
+        owner = next((m for m in _prefixes(name) if _is_target(config, m, []) or _is_saved(config, m)), None)
+        if owner is None or (owner in modules and targeted):
+            problems.append(f"{name} is not a tensor this adapter has on this model")
+        elif owner not in modules:
+            absent[owner] += 1
+        # else: a saved module this model has, while no target matched, so PEFT gave nothing to compare it with
+    problems += [f"{module} is not in this model (the adapter has {n} tensor{'s' * (n > 1)})" for module, n in
+                 absent.items()]
+    # Modules of this model that the adapter targets but has no tensor for: it was made for a base without them.
+    owned = defaultdict(set)
+    for key in expected:
+        owned[next((m for m in _prefixes(key.removeprefix(_PEFT_PREFIX)) if m in adapted), None)].add(key)
+    owned.pop(None, None)
+    problems += [
+        f"{module} matches the adapter's target_modules but the adapter has no weights for it"
+        for module, keys in owned.items()
+        if keys.isdisjoint(shapes)
+    ]
+    return problems
+
+
+def _prefixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:cut]) for cut in range(len(parts) - 1, 0, -1)]
+
+
+def _plain_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Yield (name, module) of the base as it was before PEFT: adapted layers as their base layer, saved-module
+    wrappers as the original module, so that an adapter checked onto a `PeftModel` sees the base's names."""
+    for name, child in module.named_children():
+        if isinstance(child, BaseTunerLayer):
+            child = child.get_base_layer()
+        elif isinstance(child, ModulesToSaveWrapper):
+            child = child.original_module
+        yield f"{prefix}{name}", child
+        yield from _plain_modules(child, f"{prefix}{name}.")
+
+
+def _selected_modules(sam: nn.Module, config: PeftConfig) -> tuple[dict[str, nn.Module], bool]:
+    """The modules PEFT would adapt or save whole, by PEFT's own matching rules, none nested in another; and
+    whether any of them, or of their submodules, is adapted (not only saved)."""
+    selected, targeted = {}, False
+    for name, module in _plain_modules(sam):
+        target = _is_target(config, name, module._parameters)
+        targeted |= target
+        if not any(outer in selected for outer in _prefixes(name)) and (target or _is_saved(config, name)):
+            selected[name] = module
+    return selected, targeted
+
+
+def _is_target(config: PeftConfig, name: str, parameters) -> bool:
+    """Whether PEFT adapts module `name` (with direct `parameters`: LoRA's `target_parameters`)."""
+    targets = getattr(config, "target_parameters", None) or []
+    own = [f"{name}.{p}" for p in parameters]
+    return bool(check_target_module_exists(config, name)) or any(
+        p == t or p.endswith(f".{t}") for p in own for t in targets)
+
+
+def _is_saved(config: PeftConfig, name: str) -> bool:
+    """Whether PEFT saves module `name` whole (`modules_to_save`)."""
+    return any(name.endswith(m) for m in config.modules_to_save or [])
+
+
+def _skeleton(modules: dict[str, nn.Module]) -> nn.Module:
+    """A tree holding a meta-device copy of each module at its path: no weight is copied, `modules` are not touched."""
+    root = nn.Module()
+    for name, module in modules.items():
+        memo = {id(t): t.to("meta") for t in module.buffers()}
+        memo |= {id(p): nn.Parameter(p.to("meta"), requires_grad=p.requires_grad) for p in module.parameters()}
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if part not in parent._modules:
+                parent.add_module(part, nn.Module())
+            parent = parent._modules[part]
+        parent.add_module(leaf, copy.deepcopy(module, memo))
+    return root
+
+
+def _expected_shapes(modules: dict[str, nn.Module], config: PeftConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """Inject `config` into a skeleton of `modules`; return PEFT's adapter state-dict shapes and the adapted names."""
+    config = copy.deepcopy(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's warnings come again, once, when the adapter is really loaded
+        try:
+            with torch.device("meta"):  # adapter weights as shapes only: nothing allocated, no values drawn
+                model = get_peft_model(_skeleton(modules), config)
+        except RuntimeError:
+            # Tuners that read values while building a layer (BOFT's permutation matrices) build on CPU; PEFT then
+            # moves the adapter weights to the meta base layers.
+            model = get_peft_model(_skeleton(modules), copy.deepcopy(config))
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    adapted = {name for name, module in model.base_model.model.named_modules() if isinstance(module, BaseTunerLayer)}
+    return {key: tuple(t.shape) for key, t in state.items()}, adapted
+
+
+def _injection_problem(modules: dict[str, nn.Module], config: PeftConfig, err: ValueError) -> str:
+    """Name the first module PEFT cannot adapt with `config`, with its weight shape and PEFT's reason."""
+    for name, module in modules.items():
+        if not _is_target(config, name, module._parameters):
+            continue  # a saved module alone has no target, which PEFT refuses for that reason only
+        try:
+            _expected_shapes({name: module}, config)
+        except ValueError as single:
+            weight = getattr(module, "weight", None)
+            shape = f" (weight shape {tuple(weight.shape)})" if weight is not None else ""
+            return f"PEFT cannot apply the adapter's {config.peft_type.value} config to {name}{shape}: {single}"
+    return f"PEFT cannot apply the adapter's {config.peft_type.value} config to this model: {err}"
 
 
 def _tensor_problems(shapes: dict[str, tuple[int, ...]], base: dict[str, tuple[int, ...]]) -> list[str]:

@@ -29,6 +29,7 @@ from sam2_peft.hub.files import (
     write_sam2_peft_json,
 )
 from sam2_peft.data.config import DataConfig
+from sam2_peft.hub.load import adapted_shapes
 from sam2_peft.hub.preprocessing import write_preprocessing
 from sam2_peft.segmenter import base_sam2
 
@@ -125,7 +126,7 @@ def save_adapter(
         if data is not None:
             write_preprocessing(tmp, model, data)
         write_sam2_peft_json(tmp, base_model_name_or_path=base_name, fingerprint=fingerprint, strategy=strategy,
-                             revision=revision)
+                             revision=revision, adapted_shapes=adapted_shapes(model) if peft else None)
         card = build_model_card(base_model_name_or_path=base_name, fingerprint=fingerprint, strategy=strategy,
                                 peft_type=_peft_type(model), metrics=metrics, datasets=datasets,
                                 repo_id=Path(output_dir).name)

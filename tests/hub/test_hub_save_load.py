@@ -47,6 +47,9 @@ def test_peft_folder_loads_with_plain_peft_and_transformers(tmp_path, tiny_batch
     config = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
     record = json.loads((tmp_path / "final" / "sam2_peft.json").read_text())
     assert config["base_model_name_or_path"] == TINY_FINGERPRINT  # a preset name means nothing elsewhere
+    shapes = record.pop("adapted_shapes")  # each adapted module's weight shape, for the mismatch check
+    base = load_sam2("tiny-random")
+    assert len(shapes) == 8 and all(shapes[name] == list(base.get_submodule(name).weight.shape) for name in shapes)
     assert record == {"base_model_name_or_path": TINY_FINGERPRINT, "base_fingerprint": TINY_FINGERPRINT,
                       "strategy": "lora", "revision": None, "sam2_peft_version": "0.1.0"}
     assert base_fingerprint(model) == TINY_FINGERPRINT  # PEFT's renamed base weights are seen through
@@ -103,7 +106,8 @@ def test_nothing_trained_is_an_error(tmp_path):
 def test_peft_adapter_for_another_base_is_refused_before_any_weight_changes(tmp_path, wide_model):
     save_adapter(lora_model(), tmp_path / "a", strategy="lora")
     before = clone_state(wide_model)
-    with pytest.raises(AdapterMismatchError, match=r"attn\.qkv\.lora_A\.weight has shape \(4, 24\)"):
+    with pytest.raises(AdapterMismatchError,
+                       match=r"blocks\.0\.attn\.qkv had weight shape \(72, 24\) in the adapter's base, \(96, 32\) in this"):
         load_adapter(wide_model, tmp_path / "a")
     assert_state_equal(wide_model, before)
     assert not any("lora" in name for name, _ in wide_model.named_modules())
