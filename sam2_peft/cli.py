@@ -8,6 +8,7 @@
     sam2-peft export   --model M [--adapter A] --format onnx --output_dir DIR [--quantize int8]
     sam2-peft data     DIR [--mask_type instance|semantic]
     sam2-peft predict  --model M [--adapter NAME=A ...] [--domain NAME] --image IMG --box X1,Y1,X2,Y2 --output PNG
+    sam2-peft segment  --model M [--adapter A] --image IMG --output OUT.png [--points_per_side N ...]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ COMMANDS = {
     "export": "export a model (and adapter, merged) as ONNX: encoder.onnx, decoder.onnx, metadata.json",
     "data": "check a dataset: images, objects, and what would be skipped and why",
     "predict": "segment boxes in an image file, choosing a domain's adapter with --domain",
+    "segment": "segment everything in an image with a point grid (automatic masks)",
 }
 
 
@@ -161,7 +163,9 @@ def _eval(args: list[str]) -> None:
     parser = build_data_parser("sam2-peft eval", COMMANDS["eval"])
     parser.add_argument("--model", required=True, help="Hub id, local folder, official .pt, or tiny-random")
     parser.add_argument("--adapter", default=None, help="a run's final/ folder or an adapter on the Hub")
-    parser.add_argument("--prompt", default="box", help="box, point or points:K")
+    parser.add_argument("--prompt", default="box", help="box, point, points:K, or everything (automatic masks "
+                        "matched to the instances: precision, recall, F1 at --match_iou, mean matched IoU)")
+    parser.add_argument("--match_iou", type=float, default=0.5, help="--prompt everything: IoU for a match")
     parser.add_argument("--correction_clicks", type=int, default=0, help="correction clicks after the first prompt")
     parser.add_argument("--split", default=None, help="split to score (default: test if present, else val)")
     parser.add_argument("--output_dir", default=None, help="where metrics.json, per_object.csv, overlays.png go")
@@ -172,6 +176,7 @@ def _eval(args: list[str]) -> None:
     parser.add_argument("--adapter_revision", default=None)
     parser.add_argument("--sam2_config", default=None, help="official config name for a .pt --model")
     _add_hub_kernels_flag(parser)
+    _add_generator_flags(parser)
     data, parsed = parse_data_args(parser, args)
     evaluate_model(
         parsed.model,
@@ -188,6 +193,7 @@ def _eval(args: list[str]) -> None:
         baseline=not parsed.no_baseline,
         seed=parsed.seed,
         hub_kernels=parsed.hub_kernels,
+        everything={**_generator_options(parsed), "iou_threshold": parsed.match_iou},
     )
 
 
@@ -248,6 +254,56 @@ def _predict(args: list[str]) -> None:
     print(f"{len(boxes)} object(s): {[int((labels == i + 1).sum()) for i in range(len(boxes))]} pixels; wrote {path}")
 
 
+def _segment(args: list[str]) -> None:
+    from sam2_peft.automatic import generate_masks, label_map, load_pixels, save_overlay
+    from sam2_peft.data.config import build_data_parser, parse_data_args
+    from sam2_peft.hub import adapter_preprocessing, load_adapter, resolve_data_config
+    from sam2_peft.models import load_sam2
+    from sam2_peft.prediction import save_label_map
+
+    parser = build_data_parser("sam2-peft segment", COMMANDS["segment"])
+    parser.add_argument("--model", required=True, help="Hub id, local folder, official .pt, or tiny-random")
+    parser.add_argument("--adapter", default=None, help="a run's final/ folder or an adapter on the Hub")
+    parser.add_argument("--image", required=True)
+    parser.add_argument("--output", required=True, help="16-bit label-map PNG (mask i has value i + 1); "
+                                                        "OUT_overlay.png is written beside it")
+    _add_generator_flags(parser)
+    _add_hub_kernels_flag(parser)
+    data, parsed = parse_data_args(parser, args)
+    model = load_sam2(parsed.model, hub_kernels=parsed.hub_kernels)
+    if parsed.adapter is not None:
+        model = load_adapter(model, parsed.adapter)
+    config = resolve_data_config(data, adapter_preprocessing(model) if parsed.adapter else None,
+                                 where=f"--adapter {parsed.adapter}")
+    pixels = load_pixels(parsed.image, config.intensity_config())
+    masks = generate_masks(model, pixels, **_generator_options(parsed))
+    labels = label_map(masks, pixels.shape[-2:])
+    path = save_label_map(labels, parsed.output)
+    overlay = save_overlay(pixels, labels, path.with_name(f"{path.stem}_overlay.png"))
+    print(f"{len(masks)} mask(s), {int((labels > 0).sum())} pixels labelled; wrote {path} and {overlay}")
+
+
+# The point-grid generator's flags (`segment`, `eval --prompt everything`) and their defaults, as SAM's.
+GENERATOR_FLAGS = {
+    "points_per_side": (int, 32, "grid points per side (points_per_side^2 click prompts)"),
+    "points_per_batch": (int, 64, "prompts per decoder run (memory)"),
+    "pred_iou_thresh": (float, 0.88, "keep masks whose predicted IoU is above this"),
+    "stability_score_thresh": (float, 0.95, "keep masks at least this stable"),
+    "stability_score_offset": (float, 1.0, "logit offset of the stability score"),
+    "box_nms_thresh": (float, 0.7, "box IoU above which duplicate masks are dropped"),
+    "min_mask_region_area": (int, 0, "fill holes and drop islands under this many pixels (needs scipy); 0: off"),
+}
+
+
+def _add_generator_flags(parser: argparse.ArgumentParser) -> None:
+    for name, (kind, default, text) in GENERATOR_FLAGS.items():
+        parser.add_argument(f"--{name}", type=kind, default=default, help=text)
+
+
+def _generator_options(parsed: argparse.Namespace) -> dict:
+    return {name: getattr(parsed, name) for name in GENERATOR_FLAGS}
+
+
 def _add_hub_kernels_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hub_kernels", action="store_true",
@@ -266,6 +322,7 @@ HANDLERS = {
     "export": _export,
     "data": _data,
     "predict": _predict,
+    "segment": _segment,
 }
 
 

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from sam2_peft.data import Preprocessor, SegmentationDataset, collate_objects
 from sam2_peft.data.config import PREPROCESSING_FIELDS, DataConfig
+from sam2_peft.errors import ConfigError
 from sam2_peft.data.io import decode_row
 from sam2_peft.data.intensity import normalize_intensity
 from sam2_peft.hub import adapter_preprocessing, load_adapter, resolve_data_config
@@ -50,6 +51,9 @@ CSV_COLUMNS = (
     "model", "image_id", "object_index", "class_id", "area", "predicted_area",
     "dice", "iou", "precision", "recall", "hd95", "nsd", "predicted_iou", "object_score",
 )  # fmt: skip
+EVERYTHING = "everything"
+# What `prompt="everything"` reports (and `gain` compares): instance matching of automatic masks.
+EVERYTHING_METRICS = ("precision", "recall", "f1", "mean_matched_iou", "panoptic_quality")
 # Metrics whose difference `gain` reports; hd95 is a distance (lower is better), the others are in [0, 1].
 GAIN_METRICS = ("dice", "iou", "precision", "recall", "dice_micro", "iou_micro", "hd95", "nsd")
 
@@ -190,6 +194,7 @@ def evaluate_model(
     device: str | torch.device | None = None,
     verbose: bool = True,
     hub_kernels: bool = False,
+    everything: dict | None = None,
 ) -> dict:
     """Evaluate `model` (with `adapter`, and by default also without it) on one split of `data`.
 
@@ -204,7 +209,9 @@ def evaluate_model(
         revision: Hub revision of `model` (when a name).
         sam2_config: official config name for a `.pt` `model` (e.g. `sam2.1_hiera_t`); guessed if unset.
         adapter_revision: Hub revision of `adapter`.
-        prompt: `box`, `point` (the object's innermost pixel) or `points:K` (K seeded positive clicks).
+        prompt: `box`, `point` (the object's innermost pixel), `points:K` (K seeded positive clicks), or
+            `everything`: automatic masks from a point grid (`sam2_peft.automatic`), matched one-to-one to the
+            instances by IoU (`sam2_peft.metrics.instances`), scored by precision, recall, F1 and mean matched IoU.
         correction_clicks: correction rounds after the initial prompt (one click each, from the previous error).
         split: the split to score; default `test` when the source has one, else `val`.
         batch_size: images per forward pass.
@@ -218,6 +225,8 @@ def evaluate_model(
         device: default CUDA when available, else CPU.
         verbose: print the side-by-side table (`sam2_peft.reports.format_eval_table`).
         hub_kernels: load `model` with transformers' Hub kernels (see `load_sam2`).
+        everything: for `prompt="everything"`, the options of `generate_masks` (`points_per_side`, ...) and
+            `iou_threshold` of the matching (default 0.5).
 
     Returns:
         What `metrics.json` holds: `protocol` (the settings above, for reproducibility), `fine_tuned` (the scores of
@@ -248,6 +257,12 @@ def evaluate_model(
     split = split or ("test" if "test" in splits else "val")
     if split not in splits:
         raise ValueError(f"--data {config.data}: no split {split!r}; it has {sorted(splits)}. Pick one with --split.")
+    if prompt == EVERYTHING:
+        return _evaluate_everything(base if baseline else None, tuned, splits[split], config, everything or {},
+                                    protocol={"model": model if owned else type(model).__name__,
+                                              "adapter": None if adapter is None else str(adapter),
+                                              "data": str(config.data), "split": split, "prompt": prompt},
+                                    output_dir=output_dir, verbose=verbose)
     dataset = SegmentationDataset(
         splits[split],
         Preprocessor.from_model(base),
@@ -297,6 +312,31 @@ def evaluate_model(
             plot_overlays(samples, output / "overlays.png")
     if verbose:
         print(format_eval_table(results))
+    return results
+
+
+def _evaluate_everything(base, tuned, rows, config: DataConfig, options: dict, *, protocol: dict, output_dir,
+                         verbose: bool) -> dict:
+    """`evaluate_model` for `prompt="everything"`: automatic masks of `tuned` (and `base`) matched to instances."""
+    from sam2_peft.automatic import evaluate_everything
+
+    if config.mask_type != "instance":
+        raise ConfigError(f"--prompt everything scores instances, but --mask_type is {config.mask_type}; use instance.")
+    run = dict(intensity=config.intensity_config(), split=protocol["split"], **options)
+    results = {"protocol": {**protocol, **options}, FINE_TUNED: evaluate_everything(tuned, rows, **run)}
+    if base is not None:
+        results[BASELINE] = evaluate_everything(base, rows, **run)
+        results["gain"] = {name: results[FINE_TUNED][name] - results[BASELINE][name] for name in EVERYTHING_METRICS}
+    results = _json_ready(results)
+    if output_dir is not None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "metrics.json").write_text(json.dumps(results, indent=2))
+    if verbose:
+        names = [name for name in (BASELINE, FINE_TUNED) if name in results]
+        print("metric            " + "".join(f"{name:>12}" for name in names))
+        for metric in EVERYTHING_METRICS:
+            values = [results[name][metric] for name in names]
+            print(f"{metric:<18}" + "".join("        null" if v is None else f"{v:12.4f}" for v in values))
     return results
 
 
