@@ -10,8 +10,9 @@
 
 Decoder strategy (no trainable parameter in `vision_encoder`): `FeatureCache` stores the three FPN maps that
 `Sam2Segmenter.encode_images` returns, before the decoder's own `conv_s0` / `conv_s1`. Partial strategy (or an
-adapter on the last blocks only): `PrefixCache` stores the hidden state entering the first trainable Hiera block
-plus the earlier stage outputs the neck reads, and runs the trainable blocks and the neck on every step.
+adapter on the last blocks only): `PrefixCache` stores the hidden state entering the first trainable encoder block
+(Hiera block, SAM3 ViT layer, EdgeTAM RepViT block: `family.image_trunk`) plus the earlier stage outputs the neck
+reads, and runs the trainable blocks and the neck on every step.
 
 An entry's key hashes the image id, the view, the preprocessing description, the autocast state and the frozen
 encoder's fingerprint (`sam2_peft.models.model_fingerprint` of the model before training), so changing any of them
@@ -35,8 +36,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sam2_peft.family import image_trunk, run_block
 from sam2_peft.hub.files import atomic_file
-from sam2_peft.segmenter import base_sam2, fpn_maps
+from sam2_peft.segmenter import base_sam2
 
 logger = logging.getLogger(__name__)
 
@@ -57,42 +59,39 @@ def trainable_encoder_parameters(model: nn.Module) -> list[str]:
 
 
 def first_trainable_block(model: nn.Module) -> int | None:
-    """Index of the first Hiera block that trains, `len(blocks)` if only the neck trains, None if nothing does.
+    """Index of the first encoder block that trains, `len(blocks)` if only the neck trains, None if nothing does.
 
     0 also when the patch or positional embeddings train: then no prefix of the encoder is frozen.
     """
-    trainable = trainable_encoder_parameters(model)
-    if not trainable:
+    if not trainable_encoder_parameters(model):
         return None
-    blocks = [int(name.split(".")[2]) for name in trainable if name.startswith("backbone.blocks.")]
-    stem = [name for name in trainable if name.startswith("backbone.") and not name.startswith("backbone.blocks.")]
-    if stem:
-        return 0
-    return min(blocks) if blocks else len(base_sam2(model).vision_encoder.backbone.blocks)
+    trunk = image_trunk(base_sam2(model).vision_encoder)
+    start = trunk.first_trainable()
+    return len(trunk.blocks) if start is None else start
 
 
 def encode_prefix(vision_encoder: nn.Module, pixel_values: torch.Tensor, start_block: int) -> list[torch.Tensor]:
-    """Run the Hiera stem and blocks `[0, start_block)`: what `encode_from_prefix` continues from.
+    """Run the encoder's stem and blocks `[0, start_block)`: what `encode_from_prefix` continues from.
 
-    Follows `Sam2HieraDetModel.forward` (transformers 5) up to the first block that trains.
+    Follows the backbone's forward (`Sam2HieraDetModel`, `Sam3ViTModel`, timm's `FeatureListNet`; transformers 5)
+    up to the first block that trains.
 
     Args:
-        vision_encoder: `Sam2Model.vision_encoder` (a `Sam2VisionModel`).
+        vision_encoder: the model's `vision_encoder`.
         pixel_values: (B, 3, S, S) normalised images.
         start_block: index of the first block not run, 1 <= start_block <= number of blocks.
 
     Returns:
-        `[hidden, *stage_outputs]`: the (B, H, W, C) hidden state entering block `start_block`, then the outputs
-        of the stages that end before block `start_block - 1` (the neck reads them; an output of block
-        `start_block - 1` itself is `hidden`, kept once).
+        `[hidden, *stage_outputs]`: the hidden state entering block `start_block` ((B, H, W, C) for Hiera and ViT,
+        (B, C, H, W) for timm), then the outputs of the stages that end before block `start_block - 1` (the neck
+        reads them; an output of block `start_block - 1` itself is `hidden`, kept once).
     """
-    backbone = vision_encoder.backbone
-    hidden = backbone.patch_embed(pixel_values)  # (B, 3, S, S) -> (B, S/4, S/4, C)
-    hidden = hidden + backbone._get_pos_embed(hidden.shape[1:3])
+    trunk = image_trunk(vision_encoder)
+    hidden = trunk.stem(pixel_values)
     stage_outputs = []
     for index in range(start_block):
-        hidden = backbone.blocks[index](hidden)
-        if index in backbone.stage_ends and index < start_block - 1:
+        hidden = run_block(trunk.blocks[index], hidden)
+        if index in trunk.stage_ends and index < start_block - 1:
             stage_outputs.append(hidden)
     return [hidden, *stage_outputs]
 
@@ -100,21 +99,21 @@ def encode_prefix(vision_encoder: nn.Module, pixel_values: torch.Tensor, start_b
 def encode_from_prefix(vision_encoder: nn.Module, prefix: list[torch.Tensor], start_block: int) -> list[torch.Tensor]:
     """Run blocks `[start_block, end)` and the FPN neck on an `encode_prefix` output, with autograd.
 
-    Follows the tail of `Sam2HieraDetModel.forward` and `Sam2VisionModel.forward` (transformers 5).
+    Follows the tail of the backbone's and the vision encoder's forward (transformers 5).
 
     Returns:
         The three FPN maps, high to low resolution, as `Sam2Segmenter.encode_images`.
     """
-    backbone = vision_encoder.backbone
+    trunk = image_trunk(vision_encoder)
     hidden, *stage_outputs = prefix
     stage_outputs = list(stage_outputs)
-    if start_block - 1 in backbone.stage_ends:
+    if start_block - 1 in trunk.stage_ends:
         stage_outputs.append(hidden)
-    for index in range(start_block, len(backbone.blocks)):
-        hidden = backbone.blocks[index](hidden)
-        if index in backbone.stage_ends:
+    for index in range(start_block, len(trunk.blocks)):
+        hidden = run_block(trunk.blocks[index], hidden)
+        if index in trunk.stage_ends:
             stage_outputs.append(hidden)
-    return fpn_maps(vision_encoder, stage_outputs)
+    return trunk.neck(stage_outputs)
 
 
 def preprocessing_key(dataset) -> str:
@@ -283,7 +282,7 @@ class PrefixCache(FeatureCache):
     """Frozen-prefix cache: the activations entering block `start_block`, computed once; the rest runs per step.
 
     Args:
-        start_block: the first Hiera block that trains (`first_trainable_block(model)`).
+        start_block: the first encoder block that trains (`first_trainable_block(model)`).
         (the others as `FeatureCache`)
 
     Example:
@@ -332,7 +331,7 @@ class CachePlan:
 
     Attributes:
         kind: "features" (frozen encoder), "prefix" (frozen leading blocks) or None (no cache).
-        start_block: for "prefix", the first trainable Hiera block.
+        start_block: for "prefix", the first trainable encoder block.
         num_views: augmented views cached per image; 1 when the training pixels never change.
         message: one plain-language sentence for the log.
     """
@@ -383,7 +382,8 @@ def plan_cache(
         message = "Feature cache: off (--cache_features false); the image encoder runs on every step."
         return CachePlan(None, None, 1, message)
     start = first_trainable_block(model)
-    blocks = len(base_sam2(model).vision_encoder.backbone.blocks)
+    trunk = image_trunk(base_sam2(model).vision_encoder)
+    blocks = len(trunk.blocks)
     if start == 0:
         first = trainable_encoder_parameters(model)[0]
         return CachePlan(None, None, 1, f"Feature cache: off: vision_encoder.{first} trains, so no part of the "
@@ -392,8 +392,8 @@ def plan_cache(
     what = (
         "the image encoder is frozen, so its features are computed once per image"
         if kind == "features"
-        else f"Hiera blocks 0-{start - 1} are frozen, so their activations are computed once per image and blocks "
-        f"{start}-{blocks - 1} and the neck run on every step"
+        else f"{trunk.name} blocks 0-{start - 1} are frozen, so their activations are computed once per image and "
+        f"blocks {start}-{blocks - 1} and the neck run on every step"
     )
     views = num_views if changes_pixels else 1
     size = "" if num_images is None else f" (about {_cache_gigabytes(model, kind, start) * num_images * views:.1f} GB)"
@@ -408,16 +408,13 @@ def plan_cache(
 
 def _cache_gigabytes(model: nn.Module, kind: str, start: int | None) -> float:
     """Bytes of one cache entry in float32, from the configuration alone, in GB."""
-    config = base_sam2(model).config
-    side = config.prompt_encoder_config.image_size // 4
+    sam = base_sam2(model)
     if kind == "features":
-        width = config.vision_config.fpn_hidden_size
-        elements = width * side**2 * (1 + 1 / 4 + 1 / 16)
+        sizes = sam.config.vision_config.backbone_feature_sizes[:3]
+        elements = sam.config.vision_config.fpn_hidden_size * sum(height * width for height, width in sizes)
     else:
-        backbone = base_sam2(model).vision_encoder.backbone
-        dims = config.vision_config.backbone_config.embed_dim_per_stage
-        ends = backbone.stage_ends
-        stages = [s for s, end in enumerate(ends) if end < start - 1]
-        entry_stage = next(s for s, end in enumerate(ends) if start - 1 <= end)
-        elements = sum(dims[s] * (side // 2**s) ** 2 for s in stages + [entry_stage])
+        trunk = image_trunk(sam.vision_encoder)
+        side = sam.config.prompt_encoder_config.image_size
+        stored = [end for end in sorted(trunk.stage_ends) if end < start - 1] + [start - 1]
+        elements = sum(channels * (side // stride) ** 2 for channels, stride in map(trunk.block_output, stored))
     return elements * 4 / 1e9

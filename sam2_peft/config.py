@@ -42,12 +42,12 @@ class TrainConfig(DataConfig):
     """Everything a fine-tuning run needs: the shared `DataConfig` fields and these; see each field's help."""
 
     # Model and strategy
-    model: str = _help("Hub id, local HF folder, official .pt checkpoint, or 'tiny-random'.", default="facebook/sam2.1-hiera-tiny")
+    model: str = _help("Hub id (SAM2, facebook/sam3's tracker, EdgeTAM), local HF folder, official .pt checkpoint, or a tiny random preset: tiny-random, tiny-random-sam3-tracker, tiny-random-edgetam.", default="facebook/sam2.1-hiera-tiny")
     revision: str | None = _help("Hub branch, tag or commit of `model` to pin.", default=None)
     sam2_config: str | None = _help("Official config name for a .pt `model` (e.g. sam2.1_hiera_t); guessed if unset.", default=None)
     strategy: str = _help("decoder | partial | full | lora | dora | another PEFT tuner name (loha, lokr, ia3, ...).", default="lora")
     num_blocks: int | None = _help("partial: train the last N Hiera blocks (plus the decoder).", default=None)
-    targets: str = _help("PEFT target presets joined by '+': trunk.qkv, trunk.attn, trunk.mlp, trunk.all, decoder.attn, decoder.all.", default="trunk.qkv")
+    targets: str = _help("PEFT target presets joined by '+': trunk.qkv, trunk.attn, trunk.mlp, trunk.all, decoder.attn, decoder.all (EdgeTAM's CNN trunk has no attention: trunk.mlp).", default="trunk.qkv")
     blocks: str | None = _help("Hiera blocks to adapt (PEFT) or train (partial): 'last:4', 'first:2' or '0,3,5'.", default=None)
     lora_r: int = _help("Adapter rank: higher fits more, costs more memory and a bigger file.", default=8)
     lora_alpha: float | None = _help("Adapter scale numerator (scale = alpha / r); default 2 * lora_r.", default=None)

@@ -22,10 +22,12 @@ import pickle
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import Sam2Model
 
 from sam2_peft.data.config import DataConfig
-from sam2_peft.errors import UserError
+from sam2_peft.errors import ConfigError, UserError
+from sam2_peft.family import is_family_model, supported_classes
 from sam2_peft.hub.preprocessing import adapter_preprocessing, write_preprocessing
 from sam2_peft.interop.official_config import (
     config_mismatches,
@@ -212,7 +214,8 @@ def merge_to_folder(
     """Write a merged model for deployment: a Hugging Face folder or an official sam2 checkpoint.
 
     Args:
-        model: a plain `Sam2Model`, or a `PeftModel`, whose adapters are folded in place (`merge_and_unload()`):
+        model: a plain `Sam2Model` (`Sam3TrackerModel`, `EdgeTamModel` for `hf`), or a `PeftModel` around one, whose
+            adapters are folded in place (`merge_and_unload()`):
             pass a copy to keep using the adapter afterwards.
         output_dir: the folder to write.
         format: `hf` (safetensors folder for `Sam2Model.from_pretrained`) or `sam2` (`<config name>.pt` for
@@ -232,8 +235,13 @@ def merge_to_folder(
     preprocessing = adapter_preprocessing(model)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    if not isinstance(model, Sam2Model):
-        raise TypeError(f"Expected a Sam2Model or a PeftModel around one, got {type(model).__name__}.")
+    if not is_family_model(model):
+        raise TypeError(f"Expected one of {supported_classes()} or a PeftModel around one, got {type(model).__name__}.")
+    if format == "sam2" and not isinstance(model, Sam2Model):
+        raise ConfigError(
+            f"--format sam2 writes an official SAM2 checkpoint, which {type(model).__name__} has no layout for; "
+            "use --format hf."
+        )
     if format == "hf":
         path = _save_hf(model, output_dir)
     else:
@@ -247,7 +255,7 @@ def merge_to_folder(
     return path
 
 
-def _save_hf(model: Sam2Model, output_dir: str | os.PathLike) -> Path:
+def _save_hf(model: nn.Module, output_dir: str | os.PathLike) -> Path:
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     build_image_processor(model).save_pretrained(output_dir)

@@ -17,7 +17,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.edgetam.modeling_edgetam import EdgeTamLayerNorm
 from transformers.models.sam2.modeling_sam2 import Sam2LayerNorm
+from transformers.models.sam3_tracker.modeling_sam3_tracker import Sam3TrackerLayerNorm
+
+# The mask decoders' channels-first layer norm: one class per family member, generated from Sam2's with the same code.
+CHANNEL_LAYER_NORMS = (Sam2LayerNorm, Sam3TrackerLayerNorm, EdgeTamLayerNorm)
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -27,10 +32,10 @@ def has_hooks(module: nn.Module) -> bool:
     return bool(torch_hooks or module._backward_pre_hooks or getattr(module, "_hf_hook", None) is not None)
 
 
-def is_plain(module: nn.Module, cls: type) -> bool:
-    """`module` is exactly a `cls` and has no hooks, so computing its function from its weights gives what calling
-    it would. An adapter wrapped around it, or a hook, must run: such modules are called instead."""
-    return type(module) is cls and not has_hooks(module)
+def is_plain(module: nn.Module, cls: type | tuple[type, ...]) -> bool:
+    """`module` is exactly a `cls` (or one of the classes) and has no hooks, so computing its function from its weights
+    gives what calling it would. An adapter wrapped around it, or a hook, must run: such modules are called instead."""
+    return type(module) in (cls if isinstance(cls, tuple) else (cls,)) and not has_hooks(module)
 
 
 def pointwise_conv(conv: nn.Module, features: torch.Tensor) -> torch.Tensor:
@@ -97,7 +102,8 @@ def transposed_conv_2x2(conv: nn.Module, tokens: torch.Tensor, level: int, grid:
 
 
 def channel_norm(norm: nn.Module, tokens: torch.Tensor, level: int, grid: tuple[int, int]) -> torch.Tensor:
-    """`norm`, a channels-first `Sam2LayerNorm`, on (N, R, C) tokens: a layer norm over their last axis."""
-    if not is_plain(norm, Sam2LayerNorm):
+    """`norm`, a channels-first `Sam2LayerNorm` (or a family copy), on (N, R, C) tokens: a layer norm over their last
+    axis."""
+    if not is_plain(norm, CHANNEL_LAYER_NORMS):
         return sub_pixel_order(norm(from_sub_pixel_order(tokens, level, grid)), level)
     return F.layer_norm(tokens, norm.normalized_shape, norm.weight, norm.bias, norm.eps)

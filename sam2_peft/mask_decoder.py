@@ -28,13 +28,13 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.sam2.modeling_sam2 import Sam2TwoWayAttentionBlock, eager_attention_forward
+from transformers.models.sam2.modeling_sam2 import eager_attention_forward
 
+from sam2_peft.family import TWO_WAY_BLOCKS, adds_no_memory
 from sam2_peft.layers import (
     channel_norm,
     from_sub_pixel_order,
     has_hooks,
-    is_plain,
     sub_pixel_order,
     transposed_conv_2x2,
 )
@@ -58,8 +58,8 @@ class DecoderImages(NamedTuple):
     Attributes:
         feat_s0: (B, 16hw, C/8) the decoder's projection of the S/4 FPN level, in sub-pixel order.
         feat_s1: (B, 4hw, C/4) that of the S/8 level, in sub-pixel order.
-        tokens: (B, hw, C) image tokens plus SAM2's "no memory" embedding (as for single images); with
-            `first_layer`, plus the prompt encoder's no-mask embedding too.
+        tokens: (B, hw, C) image tokens plus SAM2's "no memory" embedding where the model's forward adds it
+            (`family.adds_no_memory`); with `first_layer`, plus the prompt encoder's no-mask embedding too.
         first_layer: without mask prompts, the image side of the first two-way layer, the same for every object of
             an image: its token-to-image keys and values and its image-to-token queries, (B, hw, C/2) each.
             None when it is made per object (see `decoder_images`).
@@ -77,7 +77,7 @@ def decoder_images(
     """The decoder's per-image inputs as tokens: what `decode_masks` takes.
 
     Args:
-        sam: the `Sam2Model`.
+        sam: the `Sam2Model` (or `Sam3TrackerModel`, `EdgeTamModel`).
         feat_s0, feat_s1: the decoder's projections (`conv_s0`, `conv_s1`) of the two high-resolution FPN levels,
             (B, C/8, 4h, 4w) and (B, C/4, 2h, 2w).
         embeddings: the lowest FPN level, (B, C, h, w).
@@ -85,12 +85,14 @@ def decoder_images(
             projections are made here, once per image, unless they are adapter layers in training (whose dropout
             must be drawn per object) or the decoder has hooks (see `decode_masks`).
     """
-    tokens = embeddings.flatten(2).transpose(1, 2).contiguous() + sam.no_memory_embedding
+    tokens = embeddings.flatten(2).transpose(1, 2).contiguous()
+    if adds_no_memory(sam):
+        tokens = tokens + sam.no_memory_embedding
     first_layer = None
     layer = sam.mask_decoder.transformer.layers[0]
     token_to_image, image_to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
     projections = (token_to_image.k_proj, token_to_image.v_proj, image_to_token.q_proj)
-    shared = not mask_prompts and type(layer) is Sam2TwoWayAttentionBlock and layer.skip_first_layer_pe
+    shared = not mask_prompts and type(layer) in TWO_WAY_BLOCKS and layer.skip_first_layer_pe
     shared = shared and all(type(module) is nn.Linear or not module.training for module in projections)
     if shared and not _decoder_has_hooks(sam):
         tokens = tokens + sam.prompt_encoder.no_mask_embed.weight

@@ -3,17 +3,18 @@
     model = apply_strategy(load_sam2("tiny-random"), "lora")
     enable_gradient_checkpointing(model)        # --gradient_checkpointing
 
-`Sam2Model` does not support `gradient_checkpointing_enable()`, but its Hiera blocks are transformers'
-`GradientCheckpointingLayer`s: with `gradient_checkpointing = True` and a `_gradient_checkpointing_func` set, a block
-in training mode with autograd on runs its `forward` through that function. Submodules, and so PEFT's adapter
-layers and their hooks, stay inside the recomputed region, so it works on PEFT-wrapped models too; a block's own
-hooks (FSDP2's) run once, outside. The mask decoder gets the same two attributes, which `Sam2Segmenter` honours: it
-runs the decoder `objects_per_checkpoint` objects at a time, each group its own checkpoint, so the decoder's
-submodules run a number of times that depends on the batch; under FSDP keep them out of their own units
-(`recipes/accelerate/fsdp.yaml` leaves the decoder in the root unit), or the processes' all-gathers fall out of step
-(and a decoder with hooks runs as transformers' slower forward, see `mask_decoder.decode_masks`). bf16 autocast
-needs nothing here: the training loop runs the forward under `accelerator.autocast()`, and non-reentrant
-checkpointing replays each region under the same autocast state.
+`Sam2Model` does not support `gradient_checkpointing_enable()`, but its Hiera blocks (and `Sam3TrackerModel`'s ViT
+layers) are transformers' `GradientCheckpointingLayer`s: with `gradient_checkpointing = True` and a
+`_gradient_checkpointing_func` set, a block in training mode with autograd on runs its `forward` through that
+function. Submodules, and so PEFT's adapter layers and their hooks, stay inside the recomputed region, so it works
+on PEFT-wrapped models too; a block's own hooks (FSDP2's) run once, outside. `EdgeTamModel`'s timm blocks get the
+same two attributes, which `family.run_block` honours (their own hooks run inside the checkpoint there). The mask
+decoder gets the same two attributes, which `Sam2Segmenter` honours: it runs the decoder `objects_per_checkpoint`
+objects at a time, each group its own checkpoint, so the decoder's submodules run a number of times that depends on
+the batch; under FSDP keep them out of their own units (`recipes/accelerate/fsdp.yaml` leaves the decoder in the
+root unit), or the processes' all-gathers fall out of step (and a decoder with hooks runs as transformers' slower
+forward, see `mask_decoder.decode_masks`). bf16 autocast needs nothing here: the training loop runs the forward
+under `accelerator.autocast()`, and non-reentrant checkpointing replays each region under the same autocast state.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sam2_peft.family import image_trunk
 from sam2_peft.segmenter import base_sam2
 
 
-def hiera_blocks(model: nn.Module) -> nn.ModuleList:
-    """The Hiera blocks of a `Sam2Model` or of the PeftModel around one."""
-    return base_sam2(model).vision_encoder.backbone.blocks
+def hiera_blocks(model: nn.Module) -> list[nn.Module]:
+    """The image encoder's blocks (Hiera's; SAM3's ViT layers, EdgeTAM's RepViT blocks) of a family model or of the
+    PeftModel around one."""
+    return image_trunk(base_sam2(model).vision_encoder).blocks
 
 
 def enable_gradient_checkpointing(
@@ -46,7 +49,7 @@ def enable_gradient_checkpointing(
     Args:
         model: a `Sam2Model` or the PeftModel from `apply_strategy`; it must be in training mode for the switch to
             act (`model.train()`, as the training loop does).
-        blocks: which Hiera blocks. "trainable" checkpoints the blocks from the first one that trains (or that
+        blocks: which encoder blocks. "trainable" checkpoints the blocks from the first one that trains (or that
             receives a trainable input) on; the frozen blocks before it store no activations anyway. "all"
             checkpoints every block. A block's recompute costs about a third of its forward and backward.
         decoder: also checkpoint the mask decoder, `objects_per_checkpoint` objects at a time
@@ -55,9 +58,10 @@ def enable_gradient_checkpointing(
             upscaling's 4x and 16x larger maps); checkpointed, the forward keeps only each object's prompts and
             outputs, and the backward holds one checkpoint's activations at a time. The recompute adds one decoder
             forward.
-        strips: run each windowed Hiera block as up to this many horizontal strips of whole windows, each its own
-            checkpoint (`checkpoint_in_strips`), so that a block's backward holds one strip's activations; 1
-            checkpoints whole blocks. Global-attention blocks are always whole. At hiera-tiny, 1024 px, 4 strips
+        strips: run each windowed block (Hiera's, or SAM3's ViT layers) as up to this many horizontal strips of
+            whole windows, each its own checkpoint (`checkpoint_in_strips`), so that a block's backward holds one
+            strip's activations; 1 checkpoints whole blocks. Global-attention blocks, and blocks without windows
+            (EdgeTAM's), are always whole. At hiera-tiny, 1024 px, 4 strips
             lower full fine-tuning's peak from 1149 to 817 MB and LoRA's from 760 to 496 MB (freed memory
             returned) and make steps 5-12% faster on CPU (smaller working sets); gradients differ from whole blocks
             only by the order of sums over tokens.
@@ -65,7 +69,7 @@ def enable_gradient_checkpointing(
             larger kernels on a GPU) and hold more at once in backward.
 
     Returns:
-        The number of modules now checkpointed: Hiera blocks, plus 1 for the mask decoder.
+        The number of modules now checkpointed: encoder blocks, plus 1 for the mask decoder.
 
     Example:
         >>> model = apply_strategy(load_sam2("tiny-random"), "lora")
@@ -76,17 +80,14 @@ def enable_gradient_checkpointing(
         raise ValueError(f"blocks={blocks!r} is unknown; use 'trainable' or 'all'.")
     if strips < 1 or objects_per_checkpoint < 1:
         raise ValueError(f"strips={strips} and objects_per_checkpoint={objects_per_checkpoint} must be at least 1.")
-    modules = list(hiera_blocks(model))
+    trunk = image_trunk(base_sam2(model).vision_encoder)
+    modules = trunk.blocks
     start = 0
     if blocks == "trainable":
-        trains = [any(p.requires_grad for p in block.parameters()) for block in modules]
-        stem_trains = any(
-            p.requires_grad for name, p in base_sam2(model).vision_encoder.backbone.named_parameters()
-            if not name.startswith("blocks.")
-        )
-        start = 0 if stem_trains else next((index for index, flag in enumerate(trains) if flag), len(modules))
+        first = trunk.first_trainable()
+        start = len(modules) if first is None else first
     for index, block in enumerate(modules):
-        window_size = block.window_size  # 0 for global attention
+        window_size = getattr(block, "window_size", 0)  # 0 for global attention and for blocks without windows
         block.gradient_checkpointing = index >= start
         block._gradient_checkpointing_func = (
             partial(checkpoint_in_strips, window_size=window_size, strips=strips) if window_size and strips > 1
@@ -109,14 +110,15 @@ def checkpoint_whole(function: Callable[..., torch.Tensor], *args: torch.Tensor)
 def checkpoint_in_strips(
     function: Callable[[torch.Tensor], torch.Tensor], hidden_states: torch.Tensor, *, window_size: int, strips: int
 ) -> torch.Tensor:
-    """Checkpoint a windowed Hiera block as horizontal strips of whole windows, concatenated.
+    """Checkpoint a windowed block as horizontal strips of whole windows, concatenated.
 
-    Everything in such a block works window by window (attention, query pooling, which stays inside a window) or
-    token by token (norms, projections, MLP), and windows are counted from the top-left corner with the padding at
-    the bottom and right, so each strip of `rows` (a multiple of `window_size`) gives exactly its rows of the whole
-    block's output. Each strip is its own checkpoint: the backward recomputes and holds one strip at a time. At
-    1024 px the first stage-change block's backward holds about 500 MB at once (its `qkv` output alone is 144 MB at
-    hiera-tiny); four strips hold a quarter of that.
+    Everything in such a block (Hiera's, or SAM3's ViT layer, whose rotary positions restart in every window) works
+    window by window (attention, query pooling, which stays inside a window) or token by token (norms, projections,
+    MLP), and windows are counted from the top-left corner with the padding at the bottom and right, so each strip
+    of `rows` (a multiple of `window_size`) gives exactly its rows of the whole block's output. Each strip is its
+    own checkpoint: the backward recomputes and holds one strip at a time. At 1024 px the first stage-change block's
+    backward holds about 500 MB at once (its `qkv` output alone is 144 MB at hiera-tiny); four strips hold a quarter
+    of that.
 
     Args:
         function: the block's forward (what `GradientCheckpointingLayer` passes), taking (B, H, W, C) tokens.
@@ -160,7 +162,7 @@ def checkpoint_per_object(
 
 
 def checkpointable_modules(model: nn.Module) -> list[nn.Module]:
-    """The Hiera blocks and the mask decoder: what `enable_gradient_checkpointing` marks."""
+    """The encoder blocks and the mask decoder: what `enable_gradient_checkpointing` marks."""
     return [*hiera_blocks(model), base_sam2(model).mask_decoder]
 
 
@@ -171,5 +173,5 @@ def disable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def is_gradient_checkpointing(model: nn.Module) -> bool:
-    """Whether any Hiera block or the mask decoder is checkpointed."""
+    """Whether any encoder block or the mask decoder is checkpointed."""
     return any(getattr(module, "gradient_checkpointing", False) for module in checkpointable_modules(model))

@@ -1,7 +1,13 @@
-"""Load SAM2 as a transformers `Sam2Model`, from wherever the weights live.
+"""Load SAM2 as a transformers `Sam2Model` (or SAM3's tracker, or EdgeTAM), from wherever the weights live.
 
     from sam2_peft import load_sam2
     model = load_sam2("facebook/sam2.1-hiera-tiny")   # Hub id, local folder, official .pt, or "tiny-random"
+    model = load_sam2("facebook/sam3")                 # a Sam3TrackerModel (ViT image encoder, 1008 px)
+    model = load_sam2("yonigozlan/EdgeTAM-hf")         # an EdgeTamModel (RepViT through timm: `pip install timm`)
+    model = load_sam2("tiny-random-sam3-tracker")      # or "tiny-random-edgetam": tiny random members for tests
+
+A Hub id or folder loads as the class its `config.json` names (`architectures`, else `model_type`), through that
+class's own `from_pretrained`; `family.MODEL_CLASSES` lists the supported ones.
 """
 
 from __future__ import annotations
@@ -13,16 +19,44 @@ from pathlib import Path
 
 import huggingface_hub
 import torch
-from transformers import Sam2Config, Sam2ImageProcessor, Sam2Model
+from torch import nn
+from transformers import (
+    AutoConfig,
+    EdgeTamConfig,
+    EdgeTamModel,
+    Sam2Config,
+    Sam2ImageProcessor,
+    Sam2Model,
+    Sam3TrackerConfig,
+    Sam3TrackerModel,
+)
+
+from sam2_peft.errors import UserError
+from sam2_peft.family import MODEL_CLASSES, allow_peft, supported_classes
 
 HUB_MODELS = (
     "facebook/sam2.1-hiera-tiny",
     "facebook/sam2.1-hiera-small",
     "facebook/sam2.1-hiera-base-plus",
     "facebook/sam2.1-hiera-large",
+    "facebook/sam3",
+    "yonigozlan/EdgeTAM-hf",
 )
 TINY_RANDOM = "tiny-random"
+TINY_RANDOM_SAM3_TRACKER = "tiny-random-sam3-tracker"
+TINY_RANDOM_EDGETAM = "tiny-random-edgetam"
 TINY_RANDOM_SEED = 0
+# config.json `model_type` -> the class that loads it. The video and full SAM3 checkpoints hold the image model's
+# weights (SAM3's under `tracker_config`), which these classes' `from_pretrained` takes and the rest it ignores.
+MODEL_TYPES = {
+    "sam2": Sam2Model,
+    "sam2_video": Sam2Model,
+    "sam3_tracker": Sam3TrackerModel,
+    "sam3_tracker_video": Sam3TrackerModel,
+    "sam3_video": Sam3TrackerModel,
+    "edgetam": EdgeTamModel,
+    "edgetam_video": EdgeTamModel,
+}
 
 
 def tiny_random_config() -> Sam2Config:
@@ -55,11 +89,93 @@ def tiny_random_config() -> Sam2Config:
             initializer_range=init_std,
         ),
         prompt_encoder_config=dict(hidden_size=hidden, image_size=256, patch_size=16),
-        mask_decoder_config=dict(hidden_size=hidden, mlp_dim=256, num_attention_heads=4, iou_head_hidden_dim=64),
+        mask_decoder_config=_tiny_decoder(hidden),
     )
 
 
-class ModelLoadError(OSError):
+def _tiny_decoder(hidden: int) -> dict:
+    return dict(hidden_size=hidden, mlp_dim=256, num_attention_heads=4, iou_head_hidden_dim=64)
+
+
+def tiny_random_sam3_tracker_config() -> Sam3TrackerConfig:
+    """Build the ~0.4M-parameter, 224-px `Sam3TrackerModel` configuration of `tiny-random-sam3-tracker`.
+
+    As SAM3: patch-14 ViT layers (16 x 16 patches) with windowed and global RoPE attention, position embeddings tiled
+    from a smaller pretraining grid, the four-scale neck (x4, x2, x1, x0.5; the decoder reads three) and the SAM2
+    prompt encoder and mask decoder at the 4x grid (64 px masks).
+    """
+    size, patch, hidden, init_std = 224, 14, 64, 0.1  # init std: see `tiny_random_config`
+    grid = size // patch
+    return Sam3TrackerConfig(
+        initializer_range=init_std,
+        vision_config=dict(
+            model_type="sam3_vision_model",
+            backbone_config=dict(
+                model_type="sam3_vit_model",
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=4,
+                num_attention_heads=2,
+                image_size=size,
+                patch_size=patch,
+                window_size=8,
+                global_attn_indexes=[1, 3],
+                pretrain_image_size=size // 2,
+                initializer_range=init_std,
+            ),
+            fpn_hidden_size=hidden,
+            backbone_feature_sizes=[[4 * grid] * 2, [2 * grid] * 2, [grid] * 2],
+            initializer_range=init_std,
+        ),
+        prompt_encoder_config=dict(hidden_size=hidden, image_size=size, patch_size=patch),
+        mask_decoder_config=_tiny_decoder(hidden),
+    )
+
+
+def tiny_random_edgetam_config() -> EdgeTamConfig:
+    """Build the ~0.3M-parameter, 256-px `EdgeTamModel` configuration of `tiny-random-edgetam`.
+
+    As EdgeTAM: timm's `repvit_m1` (narrower and shallower: stages of 1, 1, 2, 1 blocks; built by timm with random
+    weights, nothing downloaded), whose four stage outputs feed SAM2's FPN neck, and the SAM2 prompt encoder and mask
+    decoder. Needs `pip install timm`.
+    """
+    from transformers import TimmWrapperConfig  # imports timm (a second), which only EdgeTAM needs
+
+    hidden, init_std = 64, 0.1
+    widths = [16, 24, 32, 48]
+    repvit = TimmWrapperConfig(
+        architecture="repvit_m1",
+        model_args=dict(in_chans=3, features_only=True, out_indices=[0, 1, 2, 3], embed_dim=widths, depth=[1, 1, 2, 1]),
+        # transformers re-initialises the timm convolutions with this std, whatever their fan-in: at 0.1 the
+        # activations fade to ~1e-10 over the eight blocks (and the trunk's gradients with them), at 0.3 they
+        # explode; at 0.2 they stay within 0.2-1.
+        initializer_range=0.2,
+    )
+    return EdgeTamConfig(
+        initializer_range=init_std,
+        tie_word_embeddings=False,  # see `family.allow_peft`
+        vision_config=dict(
+            model_type="edgetam_vision_model",
+            backbone_config=repvit,
+            backbone_channel_list=widths[::-1],
+            backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]],
+            fpn_hidden_size=hidden,
+            initializer_range=init_std,
+        ),
+        prompt_encoder_config=dict(hidden_size=hidden, image_size=256, patch_size=16),
+        mask_decoder_config=_tiny_decoder(hidden),
+    )
+
+
+# Preset name -> (model class, configuration builder).
+TINY_PRESETS = {
+    TINY_RANDOM: (Sam2Model, tiny_random_config),
+    TINY_RANDOM_SAM3_TRACKER: (Sam3TrackerModel, tiny_random_sam3_tracker_config),
+    TINY_RANDOM_EDGETAM: (EdgeTamModel, tiny_random_edgetam_config),
+}
+
+
+class ModelLoadError(UserError, OSError):
     """Raised when no weights could be found for the requested model."""
 
 
@@ -71,12 +187,14 @@ def load_sam2(
     device: str | torch.device | None = None,
     sam2_config: str | None = None,
     hub_kernels: bool = False,
-) -> Sam2Model:
-    """Load a SAM2 model as a transformers `Sam2Model`.
+) -> nn.Module:
+    """Load a model of the SAM2 family: a transformers `Sam2Model`, `Sam3TrackerModel` or `EdgeTamModel`.
 
     Args:
-        name_or_path: a Hub id (e.g. `facebook/sam2.1-hiera-tiny`), a local Hugging Face model folder, an official
-            sam2 checkpoint (`*.pt`), or `tiny-random` (a deterministic random 256-px model for tests and dry runs).
+        name_or_path: a Hub id (e.g. `facebook/sam2.1-hiera-tiny`, `facebook/sam3`, `yonigozlan/EdgeTAM-hf`), a
+            local Hugging Face model folder (each loads as the class its `config.json` names), an official sam2
+            checkpoint (`*.pt`), or a tiny deterministic random model for tests and dry runs: `tiny-random` (SAM2,
+            256 px), `tiny-random-sam3-tracker` (224 px), `tiny-random-edgetam` (256 px, needs timm).
         revision: Hub branch, tag or commit to pin.
         dtype: parameter dtype (default: float32).
         device: where to put the model (default: CPU).
@@ -98,17 +216,19 @@ def load_sam2(
     name = str(name_or_path)
     if hub_kernels:
         check_hub_kernels_reachable()
-    if name == TINY_RANDOM:
+    if name in TINY_PRESETS:
+        model_class, build_config = TINY_PRESETS[name]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_RANDOM_SEED)
-            model = Sam2Model(tiny_random_config())
-        model.config._name_or_path = TINY_RANDOM
+            model = model_class(build_config())
+        model.config._name_or_path = name
     elif name.endswith(".pt"):
         from sam2_peft.export import load_official_checkpoint
 
         model = load_official_checkpoint(name, sam2_config)
     else:
         model = _from_pretrained(name, revision, hub_kernels)
+    allow_peft(model)
     if hub_kernels and not model.use_kernels:
         model.set_use_kernels(True)
     if dtype is not None:
@@ -129,13 +249,31 @@ def check_hub_kernels_reachable() -> None:
         )
 
 
-def _from_pretrained(name: str, revision: str | None, hub_kernels: bool = False) -> Sam2Model:
+def model_class_for(config) -> type[nn.Module]:
+    """The family class that loads a checkpoint with this configuration: the one its `architectures` names, else
+    the one for its `model_type` (`MODEL_TYPES`)."""
+    by_name = {cls.__name__: cls for cls in MODEL_CLASSES}
+    named = [by_name[arch] for arch in getattr(config, "architectures", None) or [] if arch in by_name]
+    if named:
+        return named[0]
+    if config.model_type in MODEL_TYPES:
+        return MODEL_TYPES[config.model_type]
+    raise ModelLoadError(
+        f"{config._name_or_path!r} is a {config.model_type!r} model ({', '.join(config.architectures or [])}); "
+        f"sam2-peft trains {supported_classes()}: config.json `model_type` one of {', '.join(MODEL_TYPES)}."
+    )
+
+
+def _from_pretrained(name: str, revision: str | None, hub_kernels: bool = False) -> nn.Module:
     path = Path(name)
     if path.is_dir() and not (path / "config.json").is_file():
         raise ModelLoadError(f"{name!r} is a folder but has no config.json; save one with `model.save_pretrained(dir)`")
     try:
+        model_class = model_class_for(AutoConfig.from_pretrained(name, revision=revision))
         # use_kernels=False: transformers would otherwise kernelize from the Hub on CUDA (see `load_sam2`).
-        return Sam2Model.from_pretrained(name, revision=revision, use_kernels=hub_kernels)
+        return model_class.from_pretrained(name, revision=revision, use_kernels=hub_kernels)
+    except ModelLoadError:
+        raise
     except OSError as err:
         if path.exists():
             raise
@@ -145,19 +283,25 @@ def _from_pretrained(name: str, revision: str | None, hub_kernels: bool = False)
             f"(none), the Hugging Face cache and the Hub ({'offline mode' if offline else 'unreachable or unknown id'})."
             " Ways out: pass a local model folder (`model.save_pretrained(dir)` on a machine with access), prefill "
             "the cache (`huggingface-cli download <id>`) and set HF_HUB_OFFLINE=1, load an official checkpoint "
-            f"(`*.pt`), or use `{TINY_RANDOM}` for a dry run. Known ids: {', '.join(HUB_MODELS)}. "
-            f"Cause: {str(err).splitlines()[0]}"
+            f"(`*.pt`), or use `{TINY_RANDOM}` (or `{TINY_RANDOM_SAM3_TRACKER}`, `{TINY_RANDOM_EDGETAM}`) for a dry "
+            f"run. Known ids: {', '.join(HUB_MODELS)}. Cause: {str(err).splitlines()[0]}"
         ) from err
 
 
-def build_image_processor(model: Sam2Model) -> Sam2ImageProcessor:
-    """Build the `Sam2ImageProcessor` that matches `model`'s input size (ImageNet mean/std, square resize)."""
+def build_image_processor(model: nn.Module) -> Sam2ImageProcessor:
+    """Build the `Sam2ImageProcessor` that matches `model`'s input size (ImageNet mean/std, square resize) and its
+    mask-prompt size (`prompt_encoder.mask_input_size`: S/4, or 4 S/14 for SAM3)."""
     size = model.config.prompt_encoder_config.image_size
-    return Sam2ImageProcessor(size={"height": size, "width": size}, mask_size={"height": size // 4, "width": size // 4})
+    mask_height, mask_width = model.prompt_encoder.mask_input_size
+    return Sam2ImageProcessor(size={"height": size, "width": size},
+                              mask_size={"height": mask_height, "width": mask_width})
 
 
-# Config keys that record where or how a model was saved, not what it computes.
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"}
+# Config keys that record where or how a model was saved, not what it computes (no family model ties weights:
+# `family.allow_peft` sets `tie_word_embeddings` on loading).
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "tie_word_embeddings",
+}
 
 
 def _architecture(config: dict) -> dict:
@@ -168,7 +312,7 @@ def _architecture(config: dict) -> dict:
     }
 
 
-def model_fingerprint(model: Sam2Model) -> str:
+def model_fingerprint(model: nn.Module) -> str:
     """Return a stable id for a plain model's configuration and weights: `sam2-<16 hex digits>`.
 
     Used as `base_model_name_or_path` for bases that have no Hub id and as the feature-cache key; any change to the

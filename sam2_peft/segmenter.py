@@ -18,8 +18,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Sam2Model
 
+from sam2_peft.family import image_trunk, is_family_model, supported_classes
 from sam2_peft.layers import pointwise_conv
 from sam2_peft.mask_decoder import decode_masks, decoder_images
 
@@ -35,7 +35,8 @@ class SegmenterOutput:
     """Outputs for N objects.
 
     Attributes:
-        mask_logits: (N, M, h, w) low-resolution mask logits, M = 3 for multimask output, else 1; h = w = image_size / 4.
+        mask_logits: (N, M, h, w) low-resolution mask logits, M = 3 for multimask output, else 1; h = w = S / 4
+            (4 S / 14 for SAM3).
         iou_scores: (N, M) predicted IoU of each mask, in [0, 1].
         object_score_logits: (N, 1) logit that the object is present in the image.
     """
@@ -75,50 +76,29 @@ def combine_prompts(
     return torch.cat(coords, dim=1), torch.cat(labels, dim=1)
 
 
-def base_sam2(model: nn.Module) -> Sam2Model:
-    """Return the `Sam2Model` inside a `PeftModel` (adapter layers stay injected), or `model` itself."""
+def base_sam2(model: nn.Module) -> nn.Module:
+    """Return the family model (`Sam2Model`, `Sam3TrackerModel`, `EdgeTamModel`) inside a `PeftModel` (adapter layers
+    stay injected), or `model` itself."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not isinstance(base, Sam2Model):
-        raise TypeError(f"Expected a Sam2Model or a PeftModel around one, got {type(base).__name__}.")
+    if not is_family_model(base):
+        raise TypeError(
+            f"Expected a Sam2Model (or another model of the SAM2 family: {supported_classes()}) or a PeftModel around "
+            f"one, got {type(base).__name__}."
+        )
     return base
-
-
-def fpn_maps(vision_encoder: nn.Module, stage_outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The FPN neck of `Sam2VisionModel` on Hiera's stage outputs, high to low resolution.
-
-    The same maps as `vision_encoder.neck` up to float rounding (lateral convolutions, nearest-upsampled top-down
-    sums on `fpn_top_down_levels`, the last `num_feature_levels` levels), with two differences that only save
-    memory and time: the 1x1 lateral convolutions run as `pointwise_conv`, and the sine position encodings, which
-    the decoder does not use (it has its own), are not built. transformers builds them through a one-entry LRU cache
-    shared by all models; the levels take turns in it, so it never hits, but it keeps the largest one,
-    (B, 256, S/4, S/4), 64 MB per image at 1024 px, alive for the life of the process. It reads the neck's weights
-    without calling the neck, so hooks on the neck itself do not run.
-
-    Args:
-        vision_encoder: `Sam2Model.vision_encoder`.
-        stage_outputs: the (B, H, W, C) output of each Hiera stage, high to low resolution (the backbone's
-            `intermediate_hidden_states`).
-    """
-    neck = vision_encoder.neck
-    last = len(neck.convs) - 1
-    maps, previous = [], None
-    for level in range(last, -1, -1):  # top-down: low to high resolution
-        conv = neck.convs[last - level]
-        current = pointwise_conv(conv, stage_outputs[level].permute(0, 3, 1, 2).to(conv.weight.dtype))
-        if previous is not None and level in neck.fpn_top_down_levels:
-            top_down = F.interpolate(previous.to(torch.float32), scale_factor=2.0, mode="nearest")
-            current = current + top_down.to(current.dtype)
-        maps.append(current)
-        previous = current
-    return maps[-vision_encoder.num_feature_levels :][::-1]
 
 
 class Sam2Segmenter(nn.Module):
     """Run SAM2 on a batch of images with a varying number of prompted objects per image.
 
+    Batch-norm layers in the image encoder (EdgeTAM's RepViT) keep their running statistics: they stay in eval mode
+    when the segmenter trains, as usual when fine-tuning a CNN on a few images per batch, so a frozen encoder stays
+    frozen (and its cached features valid) and the base weights' fingerprint does not drift. Their affine weights
+    train when the strategy trains them.
+
     Args:
-        model: a `Sam2Model`, or the `PeftModel` that `apply_strategy` returns. It is registered as `self.model`, so
-            `accelerate.prepare(segmenter)` wraps everything that trains.
+        model: a `Sam2Model` (or `Sam3TrackerModel`, `EdgeTamModel`), or the `PeftModel` that `apply_strategy`
+            returns. It is registered as `self.model`, so `accelerate.prepare(segmenter)` wraps everything that trains.
     """
 
     def __init__(self, model: nn.Module):
@@ -126,6 +106,14 @@ class Sam2Segmenter(nn.Module):
         base_sam2(model)
         self.model = model
         self._decode = decode_masks
+
+    def train(self, mode: bool = True) -> Sam2Segmenter:
+        """Set training mode, batch norms in the image encoder excepted (see the class docstring)."""
+        super().train(mode)
+        for module in self.sam.vision_encoder.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
 
     def compile_decoder(self, **compile_options) -> None:
         """Run the mask decoder (`mask_decoder.decode_masks`) through `torch.compile`.
@@ -141,22 +129,22 @@ class Sam2Segmenter(nn.Module):
         self._decode = torch.compile(decode_masks, **compile_options)
 
     @property
-    def sam(self) -> Sam2Model:
+    def sam(self) -> nn.Module:
         """The `Sam2Model` (inside the PeftModel, if any); a property so its weights are registered only once."""
         return base_sam2(self.model)
 
     def encode_images(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """Run the image encoder (Hiera trunk + FPN neck).
+        """Run the image encoder (trunk + neck; `family.image_trunk` says how for each model class).
 
         Args:
             pixel_values: (B, 3, S, S) normalised images.
 
         Returns:
-            The three FPN levels, high to low resolution: (B, C, S/4, S/4), (B, C, S/8, S/8), (B, C, S/16, S/16).
-            Nothing of the mask decoder is applied yet, so these are what a frozen-encoder cache stores.
+            The three FPN levels the decoder reads, high to low resolution: (B, C, 4h, 4w), (B, C, 2h, 2w),
+            (B, C, h, w) for the (h, w) grid of image embeddings (S/16 for SAM2 and EdgeTAM, S/14 for SAM3). Nothing
+            of the mask decoder is applied yet, so these are what a frozen-encoder cache stores.
         """
-        encoder = self.sam.vision_encoder
-        return fpn_maps(encoder, encoder.backbone(pixel_values).intermediate_hidden_states)
+        return image_trunk(self.sam.vision_encoder).encode(pixel_values)
 
     def project(self, image_features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The mask decoder's own 1x1 projections (`conv_s0`, `conv_s1`) of the two high-resolution FPN levels.
@@ -195,7 +183,8 @@ class Sam2Segmenter(nn.Module):
             image_index: (N,) the image each object belongs to, values in [0, B).
             point_coords: (N, K, 2) prompt points in model-input pixels (see `combine_prompts`).
             point_labels: (N, K) their labels (1, 0, 2, 3 for box corners, -10 padding).
-            mask_inputs: optional (N, 1, h, w) mask-logit prompts at the decoder's low resolution.
+            mask_inputs: optional (N, 1, h, w) mask-logit prompts at the decoder's low resolution (another size is
+                resized to it as the model's forward does).
             multimask_output: three candidate masks per object (True) or one (False).
         """
         if sum(images is not None for images in (pixel_values, image_features, decoder_features)) != 1:
@@ -214,6 +203,9 @@ class Sam2Segmenter(nn.Module):
                 f"[0, {num_images}): each object's image_index is its image's row in pixel_values/image_features."
             )
         images = decoder_images(sam, feat_s0, feat_s1, embeddings, mask_prompts=mask_inputs is not None)
+        if mask_inputs is not None and mask_inputs.shape[-2:] != sam.prompt_encoder.mask_input_size:
+            mask_inputs = F.interpolate(mask_inputs.float(), size=sam.prompt_encoder.mask_input_size, mode="bilinear",
+                                        align_corners=False, antialias=True).to(mask_inputs.dtype)
 
         num_objects = image_index.shape[0]
         sparse, dense = sam.prompt_encoder(

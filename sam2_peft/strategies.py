@@ -1,4 +1,4 @@
-"""The four fine-tuning strategies as one switch over a `Sam2Model`.
+"""The four fine-tuning strategies as one switch over a `Sam2Model` (or `Sam3TrackerModel`, `EdgeTamModel`).
 
     model = apply_strategy(load_sam2("tiny-random"), "decoder")       # or "partial" (num_blocks=N), "full",
     model = apply_strategy(model, "lora", r=8, targets="trunk.qkv")    # "dora", "loha", ..., or a peft.PeftConfig
@@ -16,12 +16,15 @@ from peft import PEFT_TYPE_TO_CONFIG_MAPPING, LoraConfig, PeftConfig, PeftModel,
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
+from sam2_peft.family import Trunk, allow_peft
 from sam2_peft.fused_lora import InPlaceLoraLinear
-from sam2_peft.targets import PRESETS, TRUNK_BLOCKS, num_trunk_blocks, resolve_targets, select_blocks
+from sam2_peft.targets import PRESET_NAMES, model_trunk, resolve_targets, select_blocks, trapped_names
 
 NON_PEFT_STRATEGIES = ("decoder", "partial", "full")
 # PEFT tuners that adapt nn.Linear and run on SAM2. OFT is refused (see `_wrap`).
 PEFT_STRATEGIES = ("lora", "dora", "loha", "lokr", "ia3", "vera", "boft", "fourierft", "hra")
+# Tuners whose PEFT layers exist for nn.Linear only, not for the convolutions of EdgeTAM's RepViT blocks.
+LINEAR_ONLY_TUNERS = ("vera", "fourierft")
 DECODER_MODES = ("frozen", "full", "adapter")
 
 
@@ -32,10 +35,11 @@ def apply_strategy(model: nn.Module, strategy: str | PeftConfig, **options) -> n
     `PeftModel` (the base is frozen and the adapter layers are injected into `model`).
 
     Args:
-        model: a `Sam2Model`.
+        model: a `Sam2Model`, `Sam3TrackerModel` or `EdgeTamModel`.
         strategy: one of
             - `"decoder"`: the mask decoder trains. Option `train_prompt_encoder=False`.
-            - `"partial"`: the last `num_blocks` Hiera blocks (or an explicit `blocks=[...]`) and the decoder train.
+            - `"partial"`: the last `num_blocks` image-encoder blocks (Hiera blocks, SAM3's ViT layers, EdgeTAM's
+              RepViT blocks; or an explicit `blocks=[...]`) and the decoder train.
               Options `train_neck=False`, `train_prompt_encoder=False`.
             - `"full"`: everything trains.
             - a PEFT tuner name (`lora`, `dora`, `loha`, `lokr`, `ia3`, `vera`, `boft`, `fourierft`, `hra`) or
@@ -65,7 +69,7 @@ def apply_strategy(model: nn.Module, strategy: str | PeftConfig, **options) -> n
 
 def _with_options(builder, name: str, model: nn.Module, arg, options: dict) -> nn.Module:
     if isinstance(model, PeftModel):
-        raise ValueError("apply_strategy got a PeftModel; apply a strategy to a plain Sam2Model (from load_sam2).")
+        raise ValueError("apply_strategy got a PeftModel; apply a strategy to a plain model (from load_sam2).")
     accepted = {
         p.name for p in inspect.signature(builder).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
@@ -94,13 +98,16 @@ def _partial(
     train_neck: bool = False,
     train_prompt_encoder: bool = False,
 ) -> nn.Module:
-    total = num_trunk_blocks(model)
+    trunk = model_trunk(model)
+    total = len(trunk.blocks)
     if (num_blocks is None) == (blocks is None):
         raise ValueError("Strategy 'partial' needs exactly one of `num_blocks` (the last N blocks) or `blocks`.")
     if num_blocks is not None and not 1 <= num_blocks <= total:
-        raise ValueError(f"num_blocks={num_blocks} is out of range: this model has {total} Hiera blocks (1..{total}).")
+        raise ValueError(
+            f"num_blocks={num_blocks} is out of range: this model has {total} {trunk.name} blocks (1..{total})."
+        )
     selected = select_blocks(f"last:{num_blocks}" if num_blocks is not None else blocks, total)
-    prefixes = [f"{TRUNK_BLOCKS}.{index}." for index in selected] + ["mask_decoder."]
+    prefixes = [f"{trunk.paths[index]}." for index in selected] + ["mask_decoder."]
     prefixes += ["vision_encoder.neck."] if train_neck else []
     prefixes += ["prompt_encoder."] if train_prompt_encoder else []
     return _set_trainable(model, prefixes)
@@ -129,6 +136,13 @@ def _apply_peft(
     target_modules = resolve_targets(model, parts, blocks)
     if tuner == "oft":
         _refuse_oft(target_modules)
+    convolutions = [name for name in target_modules if isinstance(model.get_submodule(name), nn.Conv2d)]
+    if convolutions and tuner in LINEAR_ONLY_TUNERS:
+        raise ValueError(
+            f"strategy={tuner!r} adapts nn.Linear layers only, and targets={targets!r} selects convolutions "
+            f"({convolutions[0]}, ...). Use lora, dora, loha, lokr, ia3, boft or hra on them, or target the "
+            "decoder (`--targets decoder.attn`)."
+        )
     peft_type = PeftType.LORA if tuner in ("lora", "dora") else PeftType[tuner.upper()]
     config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
     fields = {f.name for f in dataclasses.fields(config_cls)}
@@ -143,7 +157,11 @@ def _apply_peft(
         kwargs["use_dora"] = True
     if tuner == "ia3":
         # IA3 scales the input of feed-forward layers and the output of the others.
-        kwargs["feedforward_modules"] = [name for name in target_modules if name.endswith("mlp.proj_out")]
+        trunk = model_trunk(model)
+        kwargs["feedforward_modules"] = [
+            name for name in target_modules
+            if (where := trunk.locate(name)) is not None and re.fullmatch(trunk.feed_forward, where[1])
+        ]
     kwargs.update(peft_options)
     config = config_cls(
         target_modules=target_modules,
@@ -159,7 +177,7 @@ def _apply_peft_config(model: nn.Module, config: PeftConfig, *, targets: str = "
     if config.target_modules is None:
         config.target_modules = resolve_targets(model, targets, blocks)
     names = _targeted(model, config)
-    trapped = [name for name in names if re.fullmatch(re.escape(TRUNK_BLOCKS) + r"\.\d+\.proj", name)]
+    trapped = trapped_names(model_trunk(model), names)
     if trapped and config.target_modules != "all-linear":
         raise ValueError(
             f"target_modules={config.target_modules!r} matches the block-level `proj` of stage-change blocks "
@@ -171,9 +189,10 @@ def _apply_peft_config(model: nn.Module, config: PeftConfig, *, targets: str = "
 def _targeted(model: nn.Module, config: PeftConfig) -> list[str]:
     names = [name for name, _ in model.named_modules() if name and check_target_module_exists(config, name)]
     if not names:
+        trunk = model_trunk(model)
         raise ValueError(
-            f"target_modules={config.target_modules!r} matched no module; Hiera attention looks like "
-            f"'{TRUNK_BLOCKS}.0.attn.qkv'. Presets: {', '.join(PRESETS)}."
+            f"target_modules={config.target_modules!r} matched no module; {trunk.name} layers look like "
+            f"'{trunk.example}'. Presets: {', '.join(PRESET_NAMES)}."
         )
     return names
 
@@ -185,6 +204,7 @@ def _wrap(model: nn.Module, config: PeftConfig, names: list[str]) -> PeftModel:
     lora = isinstance(config, LoraConfig) and not config._custom_modules
     if lora and all(type(model.get_submodule(name)) is nn.Linear for name in names):
         config._register_custom_module({nn.Linear: InPlaceLoraLinear})
+    allow_peft(model)
     return get_peft_model(model, config)
 
 
@@ -197,13 +217,13 @@ def _refuse_oft(names: list[str]) -> None:
     )
 
 
-def _component(name: str, adapter_prefix: str | None) -> str:
+def _component(trunk: Trunk, name: str, adapter_prefix: str | None) -> str:
     """Map a parameter name (PEFT prefixes included) to its summary row."""
     name = name.removeprefix("base_model.model.")
     if adapter_prefix and adapter_prefix in name:
         return "adapters"
-    if match := re.match(re.escape(TRUNK_BLOCKS) + r"\.(\d+)\.", name):
-        return f"trunk.blocks.{match.group(1)}"
+    if (block := trunk.block_of(name)) is not None:
+        return f"trunk.blocks.{block}"
     for prefix, row in (
         ("vision_encoder.backbone.", "trunk.stem"),
         ("vision_encoder.neck.", "neck"),
@@ -243,9 +263,10 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
         >>> print(trainable_summary(apply_strategy(load_sam2("tiny-random"), "decoder")))
     """
     adapter_prefix = getattr(model.base_model, "prefix", None) if isinstance(model, PeftModel) else None
+    trunk = model_trunk(model)
     rows: dict[str, dict[str, int]] = {}
     for name, param in model.named_parameters():
-        row = rows.setdefault(_component(name, adapter_prefix), {"trainable": 0, "total": 0})
+        row = rows.setdefault(_component(trunk, name, adapter_prefix), {"trainable": 0, "total": 0})
         row["total"] += param.numel()
         row["trainable"] += param.numel() if param.requires_grad else 0
 

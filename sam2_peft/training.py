@@ -52,7 +52,7 @@ class InteractiveSegmenter(nn.Module):
         """Predict masks for `batch` (the dict of `collate_objects`); returns one output per round.
 
         `batch` may carry cached encoder output: `image_features` (the FPN maps) or `image_prefix` with
-        `prefix_start_block` (the activations entering the first trainable Hiera block).
+        `prefix_start_block` (the activations entering the first trainable encoder block).
         """
         # Projected once for all rounds; maps encoded here are then let go of (see `Sam2Segmenter.project`).
         features = self.segmenter.project(self.image_features(batch))

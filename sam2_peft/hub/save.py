@@ -55,10 +55,12 @@ Base model: `{{ base_model_name_or_path }}` (fingerprint `{{ fingerprint }}`).
 
 _PEFT_USAGE = """```python
 from peft import PeftModel
-from transformers import Sam2Model
+from transformers import {model_class}
 
-model = PeftModel.from_pretrained(Sam2Model.from_pretrained("{base}"), "{repo}")
+model = PeftModel.from_pretrained({model_class}.from_pretrained("{base}"{options}), "{repo}")
 ```"""
+# PEFT (0.21) asks a model with tied-weight keys for its input embeddings, which EdgeTamModel cannot give.
+_LOAD_OPTIONS = {"EdgeTamModel": ", tie_word_embeddings=False"}
 
 _TENSORS_USAGE = """```python
 from sam2_peft import load_sam2
@@ -128,6 +130,7 @@ def save_adapter(
         write_sam2_peft_json(tmp, base_model_name_or_path=base_name, fingerprint=fingerprint, strategy=strategy,
                              revision=revision, adapted_shapes=adapted_shapes(model) if peft else None)
         card = build_model_card(base_model_name_or_path=base_name, fingerprint=fingerprint, strategy=strategy,
+                                model_class=type(base_sam2(model)).__name__,
                                 peft_type=_peft_type(model), metrics=metrics, datasets=datasets,
                                 repo_id=Path(output_dir).name)
         card.save(tmp / MODEL_CARD)
@@ -179,6 +182,7 @@ def build_model_card(
     metrics: dict[str, float] | None = None,
     datasets: list[str] | None = None,
     repo_id: str = "sam2-adapter",
+    model_class: str = "Sam2Model",
 ) -> ModelCard:
     """Build the adapter's model card: YAML metadata the Hub indexes, a usage snippet and the run's metrics.
 
@@ -190,6 +194,7 @@ def build_model_card(
         metrics: validation metrics (name -> number).
         datasets: training dataset ids or names.
         repo_id: the repository or folder name, used in the title and the usage snippet.
+        model_class: the transformers class of the base (`Sam2Model`, `Sam3TrackerModel`, `EdgeTamModel`).
     """
     tags = ["sam2", "sam2-peft", "image-segmentation", strategy]
     tags += ["peft", peft_type] if peft_type else []
@@ -202,6 +207,7 @@ def build_model_card(
         tags=list(dict.fromkeys(tags)),
         datasets=list(datasets) if datasets else None,
         strategy=strategy,
+        base_model_class=model_class,
         # `model-index` is where the Hub reads results from; `metrics` there would mean metric ids.
         model_name=repo_id if metrics else None,
         eval_results=[
@@ -211,7 +217,8 @@ def build_model_card(
         ] if metrics else None,
     )
     usage = (_PEFT_USAGE if peft_type else _TENSORS_USAGE).format(
-        base=base_model_name_or_path if hub_base else "<the base model>", repo=repo_id
+        base=base_model_name_or_path if hub_base else "<the base model>", repo=repo_id, model_class=model_class,
+        options=_LOAD_OPTIONS.get(model_class, ""),
     )
     return ModelCard.from_template(
         data,
@@ -296,10 +303,16 @@ def _card_for_repo(folder: Path, repo_id: str) -> ModelCard | None:
         peft_type=str(peft_config["peft_type"]).lower() if peft_config else None,
         metrics={result.metric_type: result.metric_value for result in saved.eval_results or []},
         datasets=saved.datasets,
+        model_class=_card_model_class(saved),
     )
     if text is not None and text != str(build_model_card(**fields, repo_id=folder.name)):
         return None
     return build_model_card(**fields, repo_id=repo_id)
+
+
+def _card_model_class(data: ModelCardData) -> str:
+    """The base class a card was made for (its `base_model_class` field; cards from before it: Sam2Model)."""
+    return data.to_dict().get("base_model_class") or "Sam2Model"
 
 
 __all__ = ["build_model_card", "push_adapter", "save_adapter"]
