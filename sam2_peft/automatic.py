@@ -21,8 +21,7 @@ scored by predicted IoU) removes duplicates; optionally small islands and holes 
 
 Differences from transformers' `pipeline("mask-generation")` (which has the same steps): grid points are placed in
 the square, aspect-stretched model input as SAM2 does (the pipeline scales them as SAM1's longest-side resize, so on
-non-square images its points land in the wrong place); logits go low-res -> S x S -> original size (the pipeline:
-low-res -> original in one step, a sub-pixel difference unless the image is S x S); pixels are resized in float
+non-square images its points land in the wrong place); pixels are resized in float
 (see `sam2_peft.data.transforms`); masks without a pixel are dropped; the stability cut is `>=` (as SAM; the
 pipeline's is `>`). On a square 8-bit image of the model's input size both give the same masks
 (tests/test_automatic.py). The grid, stability score and mask boxes are transformers' own helpers (private functions
@@ -97,10 +96,9 @@ def check_options(height: int, width: int, *, points_per_side: int, points_per_b
         raise ValueError(f"--min_mask_region_area {min_mask_region_area}: must be >= 0 (0 switches it off).")
 
 
-def upsample_logits(logits: torch.Tensor, size: tuple[int, int], input_size: int) -> torch.Tensor:
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(N, h, w) low-resolution logits -> (N, H, W) float logits, as `training.masks_at_original_size` resizes them."""
-    upsampled = F.interpolate(logits[:, None].float(), size=(input_size, input_size), mode="bilinear")
-    return F.interpolate(upsampled, size=size, mode="bilinear")[:, 0]
+    return F.interpolate(logits[:, None].float(), size=size, mode="bilinear")[:, 0]
 
 
 @torch.no_grad()
@@ -167,7 +165,7 @@ def generate_masks(
         kept.append(_filter_candidates(
             output.mask_logits.flatten(0, 1), output.iou_scores.flatten(),
             points[start : start + points_per_batch].repeat_interleave(output.mask_logits.shape[1], dim=0),
-            size=(height, width), input_size=preprocessor.image_size, pred_iou_thresh=pred_iou_thresh,
+            size=(height, width), pred_iou_thresh=pred_iou_thresh,
             stability_score_thresh=stability_score_thresh, stability_score_offset=stability_score_offset,
         ))
     masks, scores, stability, grid = (torch.cat(part) for part in zip(*kept))
@@ -192,7 +190,7 @@ def generate_masks(
     ]
 
 
-def _filter_candidates(logits, iou_scores, points, *, size, input_size, pred_iou_thresh, stability_score_thresh,
+def _filter_candidates(logits, iou_scores, points, *, size, pred_iou_thresh, stability_score_thresh,
                        stability_score_offset):
     """Keep one batch's candidates that pass the IoU and stability cuts and are not empty.
 
@@ -204,7 +202,7 @@ def _filter_candidates(logits, iou_scores, points, *, size, input_size, pred_iou
     """
     keep = iou_scores > pred_iou_thresh if pred_iou_thresh > 0 else torch.ones_like(iou_scores, dtype=torch.bool)
     logits, iou_scores, points = logits[keep], iou_scores[keep].float().cpu(), points[keep]
-    upsampled = upsample_logits(logits, size, input_size).cpu()  # (K, H, W), before any cut (as SAM)
+    upsampled = upsample_logits(logits, size).cpu()  # (K, H, W), before any cut (as SAM)
     stability = _compute_stability_score(upsampled, 0.0, stability_score_offset)
     masks = upsampled > 0
     keep = masks.flatten(1).any(dim=1)

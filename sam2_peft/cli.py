@@ -208,6 +208,8 @@ def _compare(args: list[str]) -> None:
         help="comma-separated strategies, each optionally with ':field=value' overrides",
     )
     parsed, rest = parser.parse_known_args(args)
+    if {"-h", "--help"} & set(rest):
+        print(parser.format_help())  # then the training fields' help, from parse_config
     cfg = parse_config(rest)
     compare_strategies(cfg, parse_strategies(parsed.strategies), cfg.output_dir)
 

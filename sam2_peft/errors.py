@@ -31,6 +31,10 @@ class MissingFileError(UserError, FileNotFoundError):
     """Raised when a file or folder the user named (a `--config`, a checkpoint to resume) does not exist."""
 
 
+class OutputExistsError(UserError, FileExistsError):
+    """Raised when an output folder holds another run's files (checkpoints) that the command would mix with."""
+
+
 def run_command(function: Callable[[list[str]], object], argv: list[str], prog: str = "sam2-peft") -> None:
     """Run `function(argv)`, ending the process with the message and status 2 on a `UserError`.
 

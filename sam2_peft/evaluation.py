@@ -129,7 +129,7 @@ def predict_objects(
         batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_number)
         last = module(batch, correction_rounds=correction_clicks, generator=generator)[-1]
-        masks = masks_at_original_size(best_mask_logits(last), batch, batch["masks"].shape[-1])
+        masks = masks_at_original_size(best_mask_logits(last), batch)
         image_index = batch["image_index"].tolist()
         sizes = batch["original_sizes"].tolist()
         scale = batch["masks"].shape[-1]

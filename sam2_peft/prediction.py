@@ -58,7 +58,7 @@ def segment_image(
     output = predict(model, preprocessor.pixel_values(pixels)[None], boxes_in.reshape(-1, 4),
                      image_index=image_index, domain=domain)
     geometry = {"image_index": image_index, "original_sizes": torch.tensor([[height, width]])}
-    masks = masks_at_original_size(output.mask_logits[:, 0], geometry, preprocessor.image_size)
+    masks = masks_at_original_size(output.mask_logits[:, 0], geometry)
     labels = np.zeros((height, width), np.uint16)
     for index, mask in enumerate(masks):
         labels[mask.numpy()] = index + 1

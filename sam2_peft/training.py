@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import resource
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -160,19 +161,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_r
     return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps * num_processes)
 
 
-def masks_at_original_size(logits: torch.Tensor, batch: dict, input_size: int) -> list[torch.Tensor]:
-    """Upsample (N, h, w) logits to each object's original image size, as `Sam2Processor.post_process_masks`.
+def masks_at_original_size(logits: torch.Tensor, batch: dict) -> list[torch.Tensor]:
+    """Upsample (N, h, w) logits straight to each object's original image size and threshold at 0, as
+    `Sam2Processor.post_process_masks` and the official `SAM2ImagePredictor` do (bilinear, no corner alignment).
 
     `batch` needs only `image_index` (N,) and `original_sizes` (B, 2) as (H, W).
 
     Returns:
         N bool masks (H_i, W_i), in the order of `batch["full_masks"]`.
     """
-    upsampled = F.interpolate(logits[:, None].float(), size=(input_size, input_size), mode="bilinear")
     masks = []
     for index, image in enumerate(batch["image_index"].tolist()):
         height, width = batch["original_sizes"][image].tolist()
-        resized = F.interpolate(upsampled[index : index + 1], size=(height, width), mode="bilinear")
+        resized = F.interpolate(logits[index : index + 1, None].float(), size=(height, width), mode="bilinear")
         masks.append(resized[0, 0] > 0)
     return masks
 
@@ -201,7 +202,7 @@ def validate(
         with accelerator.autocast():  # as in training (FSDP2 does not autocast by itself)
             outputs = module(batch, correction_rounds=correction_rounds, generator=clicks)
         logits = best_mask_logits(outputs[-1]).float()
-        predictions = masks_at_original_size(logits, batch, batch["masks"].shape[-1])
+        predictions = masks_at_original_size(logits, batch)
         per_image = [[] for _ in batch["image_ids"]]
         for index, (pred, target) in enumerate(zip(predictions, batch["full_masks"])):
             scores = segmentation_scores(pred[None], torch.as_tensor(target, device=pred.device)[None])
@@ -233,6 +234,9 @@ class TrainState:
     nonfinite_total: int = 0
     checkpoints_saved: int = 0
     history: list = field(default_factory=list)
+    # The loss terms summed since the last log line, and their step count: a run resumed mid-window logs the same.
+    window_sums: dict = field(default_factory=dict)
+    window_count: int = 0
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -252,6 +256,51 @@ class TrainState:
 
     def should_stop(self, patience: int | None) -> bool:
         return patience is not None and self.evals_without_improvement >= patience
+
+
+class LossWindow:
+    """Loss terms summed on the device between two log lines (no host synchronisation per step).
+
+    The sums continue from `state.window_sums` (a resumed run's), and `save` puts them back there before a
+    checkpoint, so the row logged after a resume is the one an uninterrupted run logs.
+    """
+
+    def __init__(self, state: TrainState):
+        self.state = state
+        self.sums: dict[str, torch.Tensor] = {}
+        self.images = 0
+        self.start = time.perf_counter()
+
+    @property
+    def count(self) -> int:
+        return self.state.window_count
+
+    def add(self, losses: dict[str, torch.Tensor] | None, images: int) -> None:
+        self.images += images
+        if losses is None:
+            return
+        self.state.window_count += 1
+        for name, value in losses.items():  # in float64, as Python would add the floats, in the same order
+            value = value.to(torch.float64)
+            if name not in self.sums:
+                self.sums[name] = torch.tensor(self.state.window_sums.get(name, 0.0), dtype=torch.float64,
+                                               device=value.device)
+            self.sums[name] = self.sums[name] + value
+
+    def save(self) -> None:
+        """Copy the sums into the train state (one host synchronisation), for a checkpoint."""
+        self.state.window_sums.update({name: float(total) for name, total in self.sums.items()})
+
+    def flush(self) -> dict[str, float]:
+        """The mean of each term and the images per second since the last flush; starts a new window."""
+        self.save()
+        # The total as `loss`, each term as `<term>_loss` (a validation row's `dice` is the metric).
+        row = {name if name == "loss" else f"{name}_loss": total / self.count
+               for name, total in self.state.window_sums.items()}
+        row["images_per_s"] = self.images / (time.perf_counter() - self.start)
+        self.state.window_sums, self.state.window_count = {}, 0
+        self.sums, self.images, self.start = {}, 0, time.perf_counter()
+        return row
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
@@ -278,6 +327,8 @@ def plot_history(history: list[dict], path: Path) -> None:
     evals = [row for row in history if "dice" in row]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot([row["step"] for row in train], [row["loss"] for row in train], label="train loss")
+    for term in [key for key in (train[0] if train else {}) if key.endswith("_loss")]:  # unweighted terms
+        left.plot([row["step"] for row in train], [row[term] for row in train], linewidth=0.8, label=term)
     left.set_xlabel("step")
     left.set_yscale("log")
     left.legend()

@@ -180,8 +180,8 @@ def test_bad_options_name_the_flag(scaled_model, options, message):
 def test_upsampling_is_that_of_masks_at_original_size():
     logits = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(0))
     geometry = {"image_index": torch.zeros(3, dtype=torch.long), "original_sizes": torch.tensor([[50, 70]])}
-    expected = torch.stack(masks_at_original_size(logits, geometry, 64))
-    torch.testing.assert_close(upsample_logits(logits, (50, 70), 64) > 0, expected, rtol=0, atol=0)
+    expected = torch.stack(masks_at_original_size(logits, geometry))
+    torch.testing.assert_close(upsample_logits(logits, (50, 70)) > 0, expected, rtol=0, atol=0)
 
 
 def test_label_map_keeps_small_masks_on_top_and_overlay_colours_only_labels(tmp_path):

@@ -1,6 +1,9 @@
 """The `sam2-peft` command end to end on the tiny model: train, eval, merge, data, help."""
 
+import argparse
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +12,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from transformers import Sam2Model
+from transformers import HfArgumentParser, Sam2Model
 
+from sam2_peft import cli
 from sam2_peft.cli import COMMANDS, main
+from sam2_peft.config import TrainConfig
 from sam2_peft.hub import load_adapter
 from sam2_peft.models import load_sam2
 from sam2_peft.segmenter import Sam2Segmenter
@@ -28,12 +33,71 @@ def test_help_lists_every_subcommand():
         assert command in COMMANDS and f"  {command} " in result.stdout
 
 
+def option_help(text: str) -> dict[str, str]:
+    """Each option of an argparse help text, with the help printed for it (all whitespace removed)."""
+    options, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            invocation, _, rest = line.strip().partition("  ")
+            current = [rest]
+            for name in re.findall(r"(?:^|, )(--?[\w-]+)", invocation):
+                options[name] = current
+        elif current is not None and line.startswith("   "):
+            current.append(line)
+        else:
+            current = None
+    return {name: "".join("".join(parts).split()) for name, parts in options.items()}
+
+
+def documented_flags() -> dict[str, set[str]]:
+    """The flags each command is shown with in the README's code blocks and the cli module's docstring usage."""
+    lines, in_code = cli.__doc__.splitlines(), False
+    for line in (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            in_code = not in_code
+        elif in_code:
+            lines.append(line)
+    flags = {}
+    pattern = re.compile(rf"sam2-peft ({'|'.join(COMMANDS)})\b(.*)")
+    for line in "\n".join(lines).replace("\\\n", " ").splitlines():
+        if match := pattern.search(line):
+            flags.setdefault(match.group(1), set()).update(re.findall(r"--\w+", match.group(2).split("#")[0]))
+    return flags
+
+
+def compact(text: str) -> str:
+    return "".join(text.split())
+
+
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_every_subcommand_has_help(command, capsys):
+def test_every_subcommand_has_help(command, capsys, monkeypatch):
+    # Record every flag the command's parsers define and every dataclass they read flags from.
+    actions, dataclass_types = [], []
+    add_argument = argparse._ActionsContainer.add_argument
+    add_dataclass = HfArgumentParser._add_dataclass_arguments
+    monkeypatch.setattr(argparse._ActionsContainer, "add_argument",
+                        lambda self, *a, **k: actions.append(add_argument(self, *a, **k)) or actions[-1])
+    monkeypatch.setattr(HfArgumentParser, "_add_dataclass_arguments",
+                        lambda self, dtype: dataclass_types.append(dtype) or add_dataclass(self, dtype))
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
-    assert "--" in capsys.readouterr().out
+    shown = option_help(capsys.readouterr().out)
+
+    expected = {}  # flag -> its help text
+    for action in actions:
+        for flag in action.option_strings:
+            expected.setdefault(flag, action.help or "")
+    fields = [field for dtype in dataclass_types + ([TrainConfig] if command == "train" else [])
+              for field in dataclasses.fields(dtype)]
+    assert [field.name for field in fields if not field.metadata.get("help")] == [], "config fields without help"
+    expected.update({f"--{field.name}": field.metadata["help"] for field in fields})
+    missing = sorted(set(expected) - set(shown))
+    assert missing == [], f"`sam2-peft {command} --help` does not list {missing}"
+    wrong = sorted(flag for flag, text in expected.items() if compact(text) not in shown[flag])
+    assert wrong == [], f"`sam2-peft {command} --help` does not print the help of {wrong}"
+    undocumented = sorted(documented_flags().get(command, set()) - set(shown))
+    assert undocumented == [], f"the README / cli docstring show `sam2-peft {command}` with {undocumented}"
 
 
 def test_data_reports_the_sample(capsys):

@@ -90,7 +90,7 @@ def test_eval_numbers_equal_the_metric_module_on_the_same_predictions(run, evalu
     with torch.no_grad():
         for batch in DataLoader(dataset, batch_size=3, collate_fn=collate_objects):
             logits = best_mask_logits(module(batch)[-1])
-            predictions += [m.numpy() for m in masks_at_original_size(logits, batch, batch["masks"].shape[-1])]
+            predictions += [m.numpy() for m in masks_at_original_size(logits, batch)]
             references += batch["full_masks"]
             image_ids += [batch["image_ids"][i] for i in batch["image_index"].tolist()]
             class_ids += batch["class_ids"].tolist()

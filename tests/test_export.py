@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from peft import LoraConfig, get_peft_model
-from transformers import Sam2Model
+from transformers import Sam2Model, Sam2Processor
 
 from sam2_peft import export
 from sam2_peft.export import (
@@ -43,8 +43,11 @@ from sam2_peft.interop.official_keys import (
     official_key_to_hf,
     official_to_hf,
 )
-from sam2_peft.models import load_sam2
+from sam2_peft.data.intensity import normalize_intensity
+from sam2_peft.data.transforms import Preprocessor
+from sam2_peft.models import build_image_processor, load_sam2
 from sam2_peft.segmenter import Sam2Segmenter, combine_prompts
+from sam2_peft.training import masks_at_original_size
 
 HAS_SAM2 = importlib.util.find_spec("sam2") is not None
 
@@ -363,6 +366,10 @@ def official_cases(tmp_path_factory):
     return get
 
 
+# Non-square, with H < 1024 < W: our resize must scale each axis on its own, up and (antialiased) down.
+IMAGE = np.random.default_rng(0).integers(0, 256, (768, 1280, 3), dtype=np.uint8)
+
+
 def _official_case(name: str, folder) -> SimpleNamespace:
     from sam2.build_sam import build_sam2
     from sam2.sam2_image_predictor import SAM2ImagePredictor
@@ -374,21 +381,51 @@ def _official_case(name: str, folder) -> SimpleNamespace:
     torch.save({"model": official.state_dict()}, checkpoint)
     model = load_official_checkpoint(checkpoint)  # config guessed from the file name
     predictor = SAM2ImagePredictor(official)
-    image = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
-    predictor.set_image(image)
-    # The predictor's own preprocessing (resize + ImageNet normalisation): both models see identical pixels.
-    pixels = predictor._transforms(image)[None]
+    predictor.set_image(IMAGE)
+    # Our pixels, as `sam2-peft predict` makes them: the intensity code, then our resize and normalisation.
+    preprocessor = Preprocessor.from_model(model)
+    pixels = preprocessor.pixel_values(torch.from_numpy(normalize_intensity(IMAGE)))[None]
     segmenter = Sam2Segmenter(model)
     with torch.no_grad():
         features = segmenter.encode_images(pixels)
     return SimpleNamespace(official=official, checkpoint=checkpoint, predictor=predictor, model=model,
-                           segmenter=segmenter, features=features)
+                           preprocessor=preprocessor, pixels=pixels, segmenter=segmenter, features=features)
 
 
-BOX = torch.tensor([[100.0, 200.0, 600.0, 700.0]])
-POINTS = torch.tensor([[[300.0, 400.0], [800.0, 100.0], [520.0, 610.0]]])
-POINT_LABELS = torch.tensor([[1, 0, 1]])
-PROMPTS = {"box": (BOX, None, None), "points": (None, POINTS, POINT_LABELS), "box+points": (BOX, POINTS, POINT_LABELS)}
+# Three objects, in the image's pixels (x, y); the official predictor batches them.
+BOXES = np.array([[100.0, 200.0, 600.0, 700.0], [700.0, 50.0, 1250.0, 400.0], [20.0, 400.0, 500.0, 760.0]])
+POINTS = np.array([[[300.0, 400.0], [800.0, 100.0]], [[900.0, 200.0], [1000.0, 300.0]], [[100.0, 600.0], [400.0, 500.0]]])
+POINT_LABELS = np.array([[1, 0], [1, 1], [1, 0]])
+PROMPTS = {  # box, points, mask prompt (the low-res logits of a box prediction, as in interactive refinement)
+    "box": (True, False, False),
+    "points": (False, True, False),
+    "box+points": (True, True, False),
+    "points+mask": (False, True, True),
+}
+
+
+def _official_predict(case, **prompts) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
+    """`SAM2ImagePredictor.predict` logits (full size, IoU, low-res) and the object-score logits it computed."""
+    scores = []
+    hook = case.official.sam_mask_decoder.register_forward_hook(lambda module, args, out: scores.append(out[3]))
+    try:
+        masks, iou, low_res = case.predictor.predict(**prompts, return_logits=True)
+    finally:
+        hook.remove()
+    return masks, iou, low_res, scores[0]
+
+
+def _our_predict(case, boxes=None, points=None, labels=None, masks=None, multimask_output=True):
+    """Our model on the same prompts, mapped to model-input pixels by our preprocessing."""
+    size = IMAGE.shape[:2]
+    scale = case.preprocessor.scale_coords
+    boxes = None if boxes is None else scale(torch.as_tensor(boxes).reshape(-1, 2, 2), size).reshape(-1, 4)
+    points = None if points is None else scale(torch.as_tensor(points), size)
+    coords, point_labels = combine_prompts(boxes, points, None if labels is None else torch.as_tensor(labels))
+    with torch.no_grad():
+        return case.segmenter(image_features=case.features, image_index=torch.zeros(len(coords), dtype=torch.long),
+                              point_coords=coords, point_labels=point_labels, multimask_output=multimask_output,
+                              mask_inputs=None if masks is None else torch.as_tensor(masks))
 
 
 @needs_sam2
@@ -397,18 +434,60 @@ PROMPTS = {"box": (BOX, None, None), "points": (None, POINTS, POINT_LABELS), "bo
 @pytest.mark.parametrize("name", ["sam2.1_hiera_t", pytest.param("sam2.1_hiera_s", marks=pytest.mark.slow)])
 def test_parity_with_the_official_image_predictor(official_cases, name, prompt, multimask):
     case = official_cases(name)
-    boxes, points, labels = PROMPTS[prompt]
-    coords, point_labels = combine_prompts(boxes, points, labels)
-    with torch.no_grad():
-        _, official_iou, official_logits = case.predictor._predict(
-            points, labels, boxes=boxes, multimask_output=multimask, return_logits=True
-        )
-        ours = case.segmenter(image_features=case.features, image_index=torch.tensor([0]), point_coords=coords,
-                              point_labels=point_labels, multimask_output=multimask)
-    assert official_logits.std() > 0.05  # outputs far from constant, so agreement is informative
+    use_box, use_points, use_mask = PROMPTS[prompt]
+    official = dict(box=BOXES if use_box else None, multimask_output=multimask)
+    if use_points:
+        official.update(point_coords=POINTS, point_labels=POINT_LABELS)
+    if use_mask:
+        official["mask_input"] = _official_predict(case, box=BOXES, multimask_output=False)[2]
+    _, official_iou, official_logits, official_objects = _official_predict(case, **official)
+    ours = _our_predict(case, official["box"], official.get("point_coords"), official.get("point_labels"),
+                        official.get("mask_input"), multimask)
+    # Outputs far from constant, and object scores 10x the tolerance apart, so that agreement is informative.
+    assert official_logits.std() > 0.05 and official_objects.std() > 1e-3
     # The predictor clamps its low-resolution logits to [-32, 32].
-    torch.testing.assert_close(ours.mask_logits.clamp(-32.0, 32.0), official_logits, atol=1e-4, rtol=0)
-    torch.testing.assert_close(ours.iou_scores, official_iou, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours.mask_logits.clamp(-32.0, 32.0), torch.from_numpy(official_logits), atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours.iou_scores, torch.from_numpy(official_iou), atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours.object_score_logits, official_objects, atol=1e-4, rtol=0)
+
+
+@needs_sam2
+def test_our_preprocessing_equals_the_official_predictor_and_sam2_processor(official_cases):
+    case = official_cases("sam2.1_hiera_t")
+    # The official predictor's own transform of the image, which set_image encoded: float resize as ours.
+    torch.testing.assert_close(case.pixels[0], case.predictor._transforms(IMAGE), atol=1e-5, rtol=0)
+    processor = Sam2Processor(build_image_processor(case.model))
+    inputs = processor(images=IMAGE, input_boxes=[BOXES.tolist()], input_points=[POINTS.tolist()],
+                       input_labels=[POINT_LABELS.tolist()], return_tensors="pt")
+    assert inputs["original_sizes"].tolist() == [[768, 1280]]
+    # Sam2ImageProcessor resizes uint8 (rounding to whole levels) before normalising: at most one 8-bit level apart.
+    assert (case.pixels - inputs["pixel_values"]).abs().max() <= 1 / 255 / min(case.preprocessor.image_std) + 1e-5
+    # Prompt coordinates: ours, the processor's and the official predictor's map to the same model-input pixels.
+    size = IMAGE.shape[:2]
+    boxes = case.preprocessor.scale_coords(torch.as_tensor(BOXES).reshape(-1, 2, 2), size)
+    points = case.preprocessor.scale_coords(torch.as_tensor(POINTS), size)
+    torch.testing.assert_close(boxes.reshape(-1, 4), inputs["input_boxes"][0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(points, inputs["input_points"][0], atol=1e-4, rtol=0)
+    _, official_points, _, official_boxes = case.predictor._prep_prompts(POINTS, POINT_LABELS, BOXES, None, True)
+    torch.testing.assert_close(boxes, official_boxes, atol=1e-4, rtol=0)
+    torch.testing.assert_close(points, official_points, atol=1e-4, rtol=0)
+
+
+@needs_sam2
+def test_masks_at_original_size_equal_post_process_masks_and_the_predictor(official_cases):
+    case = official_cases("sam2.1_hiera_t")
+    logits = _our_predict(case, BOXES).mask_logits  # (3 objects, 3 masks, 256, 256)
+    geometry = {"image_index": torch.zeros(9, dtype=torch.long), "original_sizes": torch.tensor([IMAGE.shape[:2]])}
+    ours = torch.stack(masks_at_original_size(logits.flatten(0, 1), geometry)).reshape(3, 3, 768, 1280)
+    processor = Sam2Processor(build_image_processor(case.model))
+    expected = processor.post_process_masks([logits], original_sizes=[[768, 1280]])[0]
+    assert ours.shape == expected.shape == (3, 3, 768, 1280)
+    assert torch.equal(ours, expected), f"{(ours != expected).sum()} pixels differ from Sam2Processor's masks"
+    # The official predictor upsamples its own logits (ours agree to 1e-4): masks may differ only where |logit| < 1e-3.
+    official = torch.from_numpy(_official_predict(case, box=BOXES)[0])
+    disagree = ours != (official > 0)
+    worst = official.abs().masked_fill(~disagree, 0.0).max()
+    assert worst < 1e-3, f"{int(disagree.sum())} pixels differ from the predictor's, where its logits reach {worst:.3g}"
 
 
 @needs_sam2
@@ -466,17 +545,16 @@ def test_merged_official_checkpoint_runs_in_the_image_predictor_like_the_unmerge
     peft_model = get_peft_model(
         model, LoraConfig(r=4, target_modules=["qkv", "q_proj", "v_proj"], init_lora_weights=False)
     ).eval()
-    image = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)  # the image of `case`
-    coords, point_labels = combine_prompts(BOX)
+    boxes = case.preprocessor.scale_coords(torch.as_tensor(BOXES).reshape(-1, 2, 2), IMAGE.shape[:2]).reshape(-1, 4)
+    coords, point_labels = combine_prompts(boxes)
     with torch.no_grad():
-        unmerged = Sam2Segmenter(peft_model)(case.predictor._transforms(image)[None], image_index=torch.tensor([0]),
+        unmerged = Sam2Segmenter(peft_model)(case.pixels, image_index=torch.zeros(len(boxes), dtype=torch.long),
                                              point_coords=coords, point_labels=point_labels)
     checkpoint = merge_to_folder(peft_model, tmp_path, format="sam2", video_source=case.checkpoint)
     predictor = SAM2ImagePredictor(build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", str(checkpoint), device="cpu"))
-    predictor.set_image(image)
-    with torch.no_grad():
-        _, iou, logits = predictor._predict(None, None, boxes=BOX, multimask_output=True, return_logits=True)
-        _, _, base_logits = case.predictor._predict(None, None, boxes=BOX, multimask_output=True, return_logits=True)
-    assert (logits - base_logits).abs().max() > 1e-2  # the adapter is in the merged file
-    torch.testing.assert_close(unmerged.mask_logits.clamp(-32.0, 32.0), logits, atol=1e-4, rtol=0)
-    torch.testing.assert_close(unmerged.iou_scores, iou, atol=1e-4, rtol=0)
+    predictor.set_image(IMAGE)
+    _, iou, logits = predictor.predict(box=BOXES, multimask_output=True, return_logits=True)
+    _, _, base_logits = case.predictor.predict(box=BOXES, multimask_output=True, return_logits=True)
+    assert np.abs(logits - base_logits).max() > 1e-2  # the adapter is in the merged file
+    torch.testing.assert_close(unmerged.mask_logits.clamp(-32.0, 32.0), torch.from_numpy(logits), atol=1e-4, rtol=0)
+    torch.testing.assert_close(unmerged.iou_scores, torch.from_numpy(iou), atol=1e-4, rtol=0)

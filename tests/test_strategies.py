@@ -147,31 +147,48 @@ def test_trainable_summary_rows_for_partial(tiny_model):
     assert summary["all"]["total"] == sum(p.numel() for p in tiny_model.parameters())
 
 
-def test_guards(tiny_model):
-    with pytest.raises(ValueError, match="strategy='adapterz' is unknown"):
-        apply_strategy(tiny_model, "adapterz")
-    with pytest.raises(TypeError, match=r"has no option\(s\) \['num_blocks'\]"):
-        apply_strategy(tiny_model, "decoder", num_blocks=2)
-    with pytest.raises(ValueError, match="num_blocks=9 is out of range: this model has 8 Hiera blocks"):
-        apply_strategy(tiny_model, "partial", num_blocks=9)
-    with pytest.raises(ValueError, match="num_blocks=0 is out of range"):
-        apply_strategy(tiny_model, "partial", num_blocks=0)
-    with pytest.raises(ValueError, match="matched no nn.Linear module"):
-        apply_strategy(tiny_model, "lora", targets="trunk.nothing")
-    with pytest.raises(ValueError, match="block-level `proj`"):
-        apply_strategy(tiny_model, "lora", targets=r".*blocks\.\d+\.proj")
-    with pytest.raises(ValueError, match="block-level `proj`"):
-        apply_strategy(tiny_model, LoraConfig(target_modules=["proj"]))
-    with pytest.raises(ValueError, match="matched no module"):
-        apply_strategy(tiny_model, LoraConfig(target_modules=["does_not_exist"]))
-    with pytest.raises(ValueError, match="OFT cannot adapt SAM2"):
-        apply_strategy(tiny_model, "oft")
-    with pytest.raises(ValueError, match="OFT cannot adapt SAM2"):
-        apply_strategy(tiny_model, OFTConfig(target_modules=["q_proj"], oft_block_size=32))
-    with pytest.raises(ValueError, match="decoder='train' is unknown"):
-        apply_strategy(tiny_model, "lora", decoder="train")
-    assert all(not p.requires_grad or True for p in tiny_model.parameters())
-    assert not any(hasattr(module, "lora_A") for module in tiny_model.modules()), "a refused strategy touched the model"
+# Each refused call: the error, its message, and the call.
+REFUSALS = {
+    "unknown strategy": (ValueError, "strategy='adapterz' is unknown", lambda m: apply_strategy(m, "adapterz")),
+    "option of another strategy": (TypeError, r"has no option\(s\) \['num_blocks'\]",
+                                   lambda m: apply_strategy(m, "decoder", num_blocks=2)),
+    "too many blocks": (ValueError, "num_blocks=9 is out of range: this model has 8 Hiera blocks",
+                        lambda m: apply_strategy(m, "partial", num_blocks=9)),
+    "no blocks": (ValueError, "num_blocks=0 is out of range", lambda m: apply_strategy(m, "partial", num_blocks=0)),
+    "targets match nothing": (ValueError, "matched no nn.Linear module",
+                              lambda m: apply_strategy(m, "lora", targets="trunk.nothing")),
+    "block-level proj pattern": (ValueError, "block-level `proj`",
+                                 lambda m: apply_strategy(m, "lora", targets=r".*blocks\.\d+\.proj")),
+    "block-level proj config": (ValueError, "block-level `proj`",
+                                lambda m: apply_strategy(m, LoraConfig(target_modules=["proj"]))),
+    "config matches nothing": (ValueError, "matched no module",
+                               lambda m: apply_strategy(m, LoraConfig(target_modules=["does_not_exist"]))),
+    "oft by name": (ValueError, "OFT cannot adapt SAM2", lambda m: apply_strategy(m, "oft")),
+    "oft config": (ValueError, "OFT cannot adapt SAM2",
+                   lambda m: apply_strategy(m, OFTConfig(target_modules=["q_proj"], oft_block_size=32))),
+    "unknown decoder mode": (ValueError, "decoder='train' is unknown",
+                             lambda m: apply_strategy(m, "lora", decoder="train")),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_a_refused_strategy_leaves_the_model_as_it_was(tiny_model, case):
+    error, message, call = REFUSALS[case]
+    # A mixed pattern (every third tensor frozen), so that a strategy that set requires_grad before refusing shows.
+    for index, param in enumerate(tiny_model.parameters()):
+        param.requires_grad_(index % 3 != 0)
+    trainable = {name: p.requires_grad for name, p in tiny_model.named_parameters()}
+    modules = {name: type(module) for name, module in tiny_model.named_modules()}
+    state = {name: tensor.clone() for name, tensor in tiny_model.state_dict().items()}
+    with pytest.raises(error, match=message):
+        call(tiny_model)
+    assert {name: p.requires_grad for name, p in tiny_model.named_parameters()} == trainable
+    # No adapter layer injected, no module replaced, no tensor added or changed.
+    assert {name: type(module) for name, module in tiny_model.named_modules()} == modules
+    assert not hasattr(tiny_model, "peft_config")
+    after = tiny_model.state_dict()
+    assert after.keys() == state.keys()
+    assert [name for name, tensor in state.items() if not torch.equal(after[name], tensor)] == []
 
 
 def test_peft_config_passes_through(tiny_model):

@@ -166,8 +166,8 @@ def _nifti_rows(pairs: list[tuple[str, str, str]], axis: int) -> Iterator[dict]:
 
     def rows() -> Iterator[dict]:
         for stem, image_path, label_path in pairs:
-            volume = _read_volume(nibabel, Path(image_path))
-            labels = _read_volume(nibabel, Path(label_path))
+            volume = read_volume(nibabel, Path(image_path))
+            labels = read_volume(nibabel, Path(label_path))
             if volume.shape != labels.shape:
                 raise DataError(
                     f"{image_path} has shape {volume.shape} but its labels {label_path} have {labels.shape}; they "
@@ -187,7 +187,8 @@ def _nifti_rows(pairs: list[tuple[str, str, str]], axis: int) -> Iterator[dict]:
     )
 
 
-def _read_volume(nibabel, path: Path) -> np.ndarray:
+def read_volume(nibabel, path: Path) -> np.ndarray:
+    """Read a 3-D NIfTI volume in its stored dtype (`nibabel` is the imported module, an optional dependency)."""
     try:
         # dataobj keeps the stored dtype (e.g. int16 CT) unless the header asks for scaling.
         volume = np.asanyarray(nibabel.load(str(path)).dataobj)

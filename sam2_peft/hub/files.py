@@ -244,15 +244,15 @@ def write_sam2_peft_json(folder: Path, *, base_model_name_or_path: str, fingerpr
     (folder / SAM2_PEFT_JSON).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def read_json(folder: Path, name: str) -> dict | None:
-    """Read `folder/name` as a JSON object, or return None when it is absent."""
+def read_json(folder: Path, name: str, error: type[Exception] = AdapterFileError) -> dict | None:
+    """Read `folder/name` as a JSON object, or return None when it is absent; raise `error` when it is not one."""
     path = folder / name
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise AdapterFileError(f"{path} is not valid JSON ({err}); save the adapter again.") from err
+        raise error(f"{path} is not valid JSON ({err}); save the adapter again.") from err
     if not isinstance(record, dict):
-        raise AdapterFileError(f"{path} must hold a JSON object, got {type(record).__name__}.")
+        raise error(f"{path} must hold a JSON object, got {type(record).__name__}.")
     return record

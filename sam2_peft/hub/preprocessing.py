@@ -26,7 +26,7 @@ from torch import nn
 from sam2_peft.data.config import INTENSITY_FIELDS, PREPROCESSING_FIELDS, DataConfig
 from sam2_peft.data.intensity import IntensityConfig
 from sam2_peft.errors import UserError
-from sam2_peft.hub.files import PREPROCESSOR_CONFIG
+from sam2_peft.hub.files import PREPROCESSOR_CONFIG, read_json
 from sam2_peft.models import build_image_processor
 from sam2_peft.segmenter import base_sam2
 
@@ -93,14 +93,9 @@ def read_preprocessing(folder: str | Path, model: nn.Module | None = None) -> Ad
             sam2-peft does not know; the message names the file and the key.
     """
     path = Path(folder) / PREPROCESSOR_CONFIG
-    if not path.is_file():
+    record = read_json(Path(folder), PREPROCESSOR_CONFIG, error=PreprocessingError)
+    if record is None:
         return None
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise PreprocessingError(f"{path} is not valid JSON ({err}); save the adapter again.") from err
-    if not isinstance(record, dict):
-        raise PreprocessingError(f"{path} must hold a JSON object, got {type(record).__name__}.")
     kind = record.get("image_processor_type")
     if kind not in _PROCESSOR_TYPES:
         raise PreprocessingError(

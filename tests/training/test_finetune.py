@@ -24,6 +24,12 @@ def test_writes_the_fixed_outputs(tmp_path):
     for key in ("baseline", "last", "best"):
         assert set(on_disk[key]) >= {"dice", "iou", "precision", "recall"}
     assert (tmp_path / "training_curves.png").stat().st_size > 10_000
+    # Every loss term is logged, unweighted; with the default weights they add up to the total.
+    rows = [row for row in json.loads((tmp_path / "history.json").read_text())["history"] if "loss" in row]
+    assert rows
+    for row in rows:
+        weighted = 20 * row["focal_loss"] + row["dice_loss"] + row["iou_loss"] + row["object_score_loss"]
+        assert weighted == pytest.approx(row["loss"], rel=1e-6) and row["dice_loss"] > 0
     assert (tmp_path / "config.yaml").is_file()
     assert latest_checkpoint(tmp_path / "checkpoints") is not None
     # The decoder strategy saves exactly the mask decoder's tensors.
