@@ -9,6 +9,7 @@
     sam2-peft data     DIR [--mask_type instance|semantic]
     sam2-peft predict  --model M [--adapter NAME=A ...] [--domain NAME] --image IMG --box X1,Y1,X2,Y2 --output PNG
     sam2-peft segment  --model M [--adapter A] --image IMG --output OUT.png [--points_per_side N ...]
+    sam2-peft demo     --model M [--adapter [NAME=]PATH ...] [--host 127.0.0.1] [--port 7860]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ COMMANDS = {
     "data": "check a dataset: images, objects, and what would be skipped and why",
     "predict": "segment boxes in an image file, choosing a domain's adapter with --domain",
     "segment": "segment everything in an image with a point grid (automatic masks)",
+    "demo": "a local web page: the base model's and an adapter's masks side by side (needs sam2-peft[demo])",
 }
 
 
@@ -285,6 +287,12 @@ def _segment(args: list[str]) -> None:
     print(f"{len(masks)} mask(s), {int((labels > 0).sum())} pixels labelled; wrote {path} and {overlay}")
 
 
+def _demo(args: list[str]) -> None:
+    from sam2_peft.demo import main as demo_main
+
+    demo_main(args)
+
+
 # The point-grid generator's flags (`segment`, `eval --prompt everything`) and their defaults, as SAM's.
 GENERATOR_FLAGS = {
     "points_per_side": (int, 32, "grid points per side (points_per_side^2 click prompts)"),
@@ -325,6 +333,7 @@ HANDLERS = {
     "data": _data,
     "predict": _predict,
     "segment": _segment,
+    "demo": _demo,
 }
 
 
