@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sam2_peft.family import image_trunk, run_block
+from sam2_peft.family import encode_from_prefix, encode_prefix, image_trunk
 from sam2_peft.hub.files import atomic_file
 from sam2_peft.segmenter import base_sam2
 
@@ -68,52 +68,6 @@ def first_trainable_block(model: nn.Module) -> int | None:
     trunk = image_trunk(base_sam2(model).vision_encoder)
     start = trunk.first_trainable()
     return len(trunk.blocks) if start is None else start
-
-
-def encode_prefix(vision_encoder: nn.Module, pixel_values: torch.Tensor, start_block: int) -> list[torch.Tensor]:
-    """Run the encoder's stem and blocks `[0, start_block)`: what `encode_from_prefix` continues from.
-
-    Follows the backbone's forward (`Sam2HieraDetModel`, `Sam3ViTModel`, timm's `FeatureListNet`; transformers 5)
-    up to the first block that trains.
-
-    Args:
-        vision_encoder: the model's `vision_encoder`.
-        pixel_values: (B, 3, S, S) normalised images.
-        start_block: index of the first block not run, 1 <= start_block <= number of blocks.
-
-    Returns:
-        `[hidden, *stage_outputs]`: the hidden state entering block `start_block` ((B, H, W, C) for Hiera and ViT,
-        (B, C, H, W) for timm), then the outputs of the stages that end before block `start_block - 1` (the neck
-        reads them; an output of block `start_block - 1` itself is `hidden`, kept once).
-    """
-    trunk = image_trunk(vision_encoder)
-    hidden = trunk.stem(pixel_values)
-    stage_outputs = []
-    for index in range(start_block):
-        hidden = run_block(trunk.blocks[index], hidden)
-        if index in trunk.stage_ends and index < start_block - 1:
-            stage_outputs.append(hidden)
-    return [hidden, *stage_outputs]
-
-
-def encode_from_prefix(vision_encoder: nn.Module, prefix: list[torch.Tensor], start_block: int) -> list[torch.Tensor]:
-    """Run blocks `[start_block, end)` and the FPN neck on an `encode_prefix` output, with autograd.
-
-    Follows the tail of the backbone's and the vision encoder's forward (transformers 5).
-
-    Returns:
-        The three FPN maps, high to low resolution, as `Sam2Segmenter.encode_images`.
-    """
-    trunk = image_trunk(vision_encoder)
-    hidden, *stage_outputs = prefix
-    stage_outputs = list(stage_outputs)
-    if start_block - 1 in trunk.stage_ends:
-        stage_outputs.append(hidden)
-    for index in range(start_block, len(trunk.blocks)):
-        hidden = run_block(trunk.blocks[index], hidden)
-        if index in trunk.stage_ends:
-            stage_outputs.append(hidden)
-    return trunk.neck(stage_outputs)
 
 
 def preprocessing_key(dataset) -> str:
@@ -205,6 +159,10 @@ class FeatureCache:
             one image held in memory in the compute dtype these are views of the cache: read them, never write.
         """
         return self._cached(segmenter, batch, view)
+
+    def attach(self, segmenter: nn.Module, batch: dict, view: int = 0) -> None:
+        """Put what this cache holds for `batch` into it: `image_features`, which `InteractiveSegmenter` reads."""
+        batch["image_features"] = self.features(segmenter, batch, view)
 
     def _compute(self, segmenter: nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         return segmenter.encode_images(pixel_values)
@@ -309,6 +267,12 @@ class PrefixCache(FeatureCache):
         `prefix()` as input), so that DDP sees the trainable blocks run.
         """
         return encode_from_prefix(segmenter.sam.vision_encoder, self.prefix(segmenter, batch, view), self.start_block)
+
+    def attach(self, segmenter: nn.Module, batch: dict, view: int = 0) -> None:
+        """Put the cached prefix into `batch` (`image_prefix`, `prefix_start_block`): the trainable blocks then run
+        inside `InteractiveSegmenter.forward`, so DistributedDataParallel sees them."""
+        batch["image_prefix"] = self.prefix(segmenter, batch, view)
+        batch["prefix_start_block"] = self.start_block
 
     def _compute(self, segmenter: nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         return encode_prefix(segmenter.sam.vision_encoder, pixel_values, self.start_block)

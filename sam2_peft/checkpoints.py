@@ -23,9 +23,10 @@ from safetensors.torch import load_file, save_file
 from sam2_peft.config import TrainConfig
 from sam2_peft.errors import MissingFileError, OutputExistsError
 from sam2_peft.hub import atomic_file
+from sam2_peft.interactive import InteractiveSegmenter
 from sam2_peft.models import load_sam2
 from sam2_peft.strategies import apply_strategy
-from sam2_peft.training import COMPLETE_MARKER, InteractiveSegmenter, TrainState, latest_checkpoint
+from sam2_peft.training import COMPLETE_MARKER, TrainState, latest_checkpoint
 
 
 def final_model(accelerator: Accelerator, module, cfg: TrainConfig, best_path: Path, best_step: int | None):

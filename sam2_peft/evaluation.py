@@ -36,15 +36,16 @@ from torch.utils.data import DataLoader
 
 from sam2_peft.data import Preprocessor, SegmentationDataset, collate_objects
 from sam2_peft.data.config import PREPROCESSING_FIELDS, DataConfig
-from sam2_peft.errors import ConfigError
-from sam2_peft.data.io import decode_row
 from sam2_peft.data.intensity import normalize_intensity
+from sam2_peft.data.io import decode_row
+from sam2_peft.errors import ConfigError
 from sam2_peft.hub import adapter_preprocessing, load_adapter, resolve_data_config
+from sam2_peft.interactive import InteractiveSegmenter
 from sam2_peft.metrics import compute_metrics
 from sam2_peft.models import load_sam2
 from sam2_peft.reports import OverlaySample, display_name, format_eval_table, plot_overlays, select_examples
 from sam2_peft.segmenter import PADDING
-from sam2_peft.training import InteractiveSegmenter, best_mask_logits, masks_at_original_size
+from sam2_peft.segmenter import best_mask_logits, masks_at_original_size
 
 FINE_TUNED, BASELINE = "fine_tuned", "baseline"
 CSV_COLUMNS = (

@@ -6,8 +6,8 @@
     model = load_official_checkpoint("MedSAM2_latest.pt")          # config guessed: sam2.1_hiera_t
     export_official_checkpoint(model, "tuned.pt", "sam2.1_hiera_t")  # sam2.build_sam.build_sam2 loads it
 
-Import maps every image-path tensor and refuses any missing, unexpected or misshapen key; only the video-only
-modules (`official_keys.VIDEO_ONLY_MODULES`) are dropped, because `Sam2Model` has no counterpart. Export has to put
+Import (`interop.official_checkpoint`) maps every image-path tensor and refuses any missing, unexpected or
+misshapen key; only the video-only modules (`official_keys.VIDEO_ONLY_MODULES`) are dropped. Export has to put
 them back, since the official loader is strict: they come from `video_source` (the checkpoint you fine-tuned from,
 which keeps the video predictor working) or, without one, from a freshly built official model (seeded random init:
 fine for `SAM2ImagePredictor`, meaningless for video tracking).
@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import pickle
 from pathlib import Path
 
 import torch
@@ -26,17 +25,20 @@ from torch import nn
 from transformers import Sam2Model
 
 from sam2_peft.data.config import DataConfig
-from sam2_peft.errors import ConfigError, UserError
+from sam2_peft.errors import ConfigError
 from sam2_peft.family import is_family_model, supported_classes
 from sam2_peft.hub.preprocessing import adapter_preprocessing, write_preprocessing
+from sam2_peft.interop.official_checkpoint import (
+    OfficialCheckpointError,
+    load_official_checkpoint,
+    read_official_checkpoint,
+)
 from sam2_peft.interop.official_config import (
     config_mismatches,
-    guess_official_config,
     official_name_for,
-    official_to_hf_config,
     official_yaml_path,
 )
-from sam2_peft.interop.official_keys import hf_to_official, is_video_only, key_problems, official_to_hf
+from sam2_peft.interop.official_keys import hf_to_official, is_video_only, key_problems
 from sam2_peft.models import build_image_processor
 
 logger = logging.getLogger(__name__)
@@ -44,77 +46,6 @@ logger = logging.getLogger(__name__)
 # Seed of the random video-only modules written when no `video_source` is given, so exports are reproducible.
 VIDEO_INIT_SEED = 0
 EXPORT_FORMATS = ("hf", "sam2")
-
-
-class OfficialCheckpointError(UserError, ValueError):
-    """Raised when an official checkpoint cannot be read, or does not fit the model or configuration."""
-
-
-def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read an official checkpoint's state dict with `torch.load(weights_only=True)`.
-
-    Accepts `{"model": state_dict}` (as published, and MedSAM2) or a bare state dict.
-
-    Raises:
-        OfficialCheckpointError: the file does not exist, holds anything but tensors and plain containers (no
-            pickled code is ever run), or is not a state dict.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise OfficialCheckpointError(f"{path}: no such checkpoint file.")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise OfficialCheckpointError(
-            f"{path}: refused by torch.load(weights_only=True), which runs no pickled code: the file is not a "
-            "PyTorch checkpoint, or it holds objects other than tensors and plain containers. Re-save only the "
-            f"state dict: torch.save({{'model': model.state_dict()}}, path). Cause: {err}"
-        ) from err
-    if isinstance(content, dict) and isinstance(content.get("model"), dict):
-        content = content["model"]
-    if not isinstance(content, dict) or not content or not all(torch.is_tensor(v) for v in content.values()):
-        found = sorted(content)[:8] if isinstance(content, dict) else type(content).__name__
-        raise OfficialCheckpointError(
-            f"{path}: expected a state dict of tensors or {{'model': state_dict}}, found {found}."
-        )
-    return content
-
-
-def load_official_checkpoint(path: str | os.PathLike, sam2_config: str | None = None) -> Sam2Model:
-    """Load an official sam2 checkpoint (SAM2, SAM2.1 or MedSAM2 style) as a `Sam2Model`.
-
-    Args:
-        path: the `.pt` file.
-        sam2_config: official config name (`sam2.1_hiera_t`, ...) or YAML path; guessed from the file name (e.g.
-            `sam2.1_hiera_tiny.pt`, `MedSAM2_latest.pt`), else from the trunk's width and depth, when None.
-
-    Returns:
-        The model in eval mode, in the checkpoint's dtype, with `config._name_or_path` set to `path`.
-
-    Raises:
-        OfficialCheckpointError: a tensor is missing, unexpected or of the wrong shape (all listed).
-
-    Example:
-        >>> model = load_official_checkpoint("sam2.1_hiera_tiny.pt")  # doctest: +SKIP
-    """
-    state = read_official_checkpoint(path)
-    name = sam2_config or guess_official_config(path, state)
-    config = official_to_hf_config(name)
-    tensors, sources, unmapped = official_to_hf(state)
-    # Built without allocating its random init: every tensor is then assigned from the checkpoint.
-    with torch.device("meta"):
-        model = Sam2Model(config)
-    problems = key_problems(tensors, model.state_dict(), sources) + [f"unexpected: {key}" for key in unmapped]
-    if problems:
-        raise OfficialCheckpointError(
-            f"{path}: does not fit sam2_config={name!r} ({len(problems)} problems; only the video-only modules may "
-            "be absent or ignored). Check that the config matches the checkpoint's size:\n  " + "\n  ".join(problems)
-        )
-    model.load_state_dict(tensors, strict=True, assign=True)
-    dropped = sum(is_video_only(key) for key in state)
-    logger.info("Loaded %s as %s; dropped %d video-only tensors.", path, name, dropped)
-    model.config._name_or_path = str(path)
-    return model.eval()
 
 
 def export_official_checkpoint(

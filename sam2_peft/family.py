@@ -351,3 +351,49 @@ def image_trunk(vision_encoder: nn.Module) -> Trunk:
         f"No image-encoder support for {type(vision_encoder).__name__}; sam2-peft supports the vision encoders of "
         f"{supported_classes()} ({', '.join(cls.__name__ for cls, _ in _TRUNKS)})."
     )
+
+
+def encode_prefix(vision_encoder: nn.Module, pixel_values: torch.Tensor, start_block: int) -> list[torch.Tensor]:
+    """Run the encoder's stem and blocks `[0, start_block)`: what `encode_from_prefix` continues from.
+
+    Follows the backbone's forward (`Sam2HieraDetModel`, `Sam3ViTModel`, timm's `FeatureListNet`; transformers 5)
+    up to the first block that trains.
+
+    Args:
+        vision_encoder: the model's `vision_encoder`.
+        pixel_values: (B, 3, S, S) normalised images.
+        start_block: index of the first block not run, 1 <= start_block <= number of blocks.
+
+    Returns:
+        `[hidden, *stage_outputs]`: the hidden state entering block `start_block` ((B, H, W, C) for Hiera and ViT,
+        (B, C, H, W) for timm), then the outputs of the stages that end before block `start_block - 1` (the neck
+        reads them; an output of block `start_block - 1` itself is `hidden`, kept once).
+    """
+    trunk = image_trunk(vision_encoder)
+    hidden = trunk.stem(pixel_values)
+    stage_outputs = []
+    for index in range(start_block):
+        hidden = run_block(trunk.blocks[index], hidden)
+        if index in trunk.stage_ends and index < start_block - 1:
+            stage_outputs.append(hidden)
+    return [hidden, *stage_outputs]
+
+
+def encode_from_prefix(vision_encoder: nn.Module, prefix: list[torch.Tensor], start_block: int) -> list[torch.Tensor]:
+    """Run blocks `[start_block, end)` and the FPN neck on an `encode_prefix` output, with autograd.
+
+    Follows the tail of the backbone's and the vision encoder's forward (transformers 5).
+
+    Returns:
+        The three FPN maps, high to low resolution, as `Sam2Segmenter.encode_images`.
+    """
+    trunk = image_trunk(vision_encoder)
+    hidden, *stage_outputs = prefix
+    stage_outputs = list(stage_outputs)
+    if start_block - 1 in trunk.stage_ends:
+        stage_outputs.append(hidden)
+    for index in range(start_block, len(trunk.blocks)):
+        hidden = run_block(trunk.blocks[index], hidden)
+        if index in trunk.stage_ends:
+            stage_outputs.append(hidden)
+    return trunk.neck(stage_outputs)

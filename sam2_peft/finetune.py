@@ -28,11 +28,12 @@ from sam2_peft.config import TrainConfig
 from sam2_peft.data import AugmentConfig, Preprocessor, PromptConfig, SegmentationDataset, collate_objects
 from sam2_peft.errors import ConfigError, OutputExistsError
 from sam2_peft.hub import save_adapter, write_preprocessing
+from sam2_peft.interactive import InteractiveSegmenter
 from sam2_peft.memory import enable_gradient_checkpointing
 from sam2_peft.models import load_sam2, model_fingerprint
+from sam2_peft.reports import plot_history
 from sam2_peft.strategies import apply_strategy, trainable_summary
 from sam2_peft.training import (
-    InteractiveSegmenter,
     LossWindow,
     TrainState,
     build_optimizer,
@@ -41,7 +42,6 @@ from sam2_peft.training import (
     initialise_optimizer_state,
     loss_weights,
     peak_memory_mb,
-    plot_history,
     validate,
 )
 
@@ -325,9 +325,10 @@ def log_losses(run: Run, means: dict[str, float], progress) -> None:
            "peak_memory_mb": peak_memory_mb(run.accelerator.device)}
     run.state.history.append(row)
     run.accelerator.log(row, step=run.state.step)
-    progress.set_postfix(loss=f"{row['loss']:.4f}", focal=f"{row['focal_loss']:.4f}",
-                         dice=f"{row['dice_loss']:.4f}", iou=f"{row['iou_loss']:.4f}",
-                         obj=f"{row['object_score_loss']:.4f}", lr=f"{row['lr']:.2e}",
+    # The terms as l_<term>: `dice` on the console is the validation metric.
+    progress.set_postfix(loss=f"{row['loss']:.4f}", l_focal=f"{row['focal_loss']:.4f}",
+                         l_dice=f"{row['dice_loss']:.4f}", l_iou=f"{row['iou_loss']:.4f}",
+                         l_obj=f"{row['object_score_loss']:.4f}", lr=f"{row['lr']:.2e}",
                          img_s=f"{row['images_per_s']:.1f}", mem_mb=f"{row['peak_memory_mb']:.0f}")
 
 
@@ -386,9 +387,4 @@ def _validate(run: Run, correction_rounds: int) -> dict[str, float]:
 
 
 def _attach_cache(run: Run, batch: dict, cache, view: int = 0) -> None:
-    segmenter = run.accelerator.unwrap_model(run.module).segmenter
-    if run.plan.kind == "features":
-        batch["image_features"] = cache.features(segmenter, batch, view=view)
-    else:
-        batch["image_prefix"] = cache.prefix(segmenter, batch, view=view)
-        batch["prefix_start_block"] = run.plan.start_block
+    cache.attach(run.accelerator.unwrap_model(run.module).segmenter, batch, view)

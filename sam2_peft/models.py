@@ -33,6 +33,7 @@ from transformers import (
 
 from sam2_peft.errors import UserError
 from sam2_peft.family import MODEL_CLASSES, allow_peft, supported_classes
+from sam2_peft.interop.official_checkpoint import load_official_checkpoint
 
 HUB_MODELS = (
     "facebook/sam2.1-hiera-tiny",
@@ -223,8 +224,6 @@ def load_sam2(
             model = model_class(build_config())
         model.config._name_or_path = name
     elif name.endswith(".pt"):
-        from sam2_peft.export import load_official_checkpoint
-
         model = load_official_checkpoint(name, sam2_config)
     else:
         model = _from_pretrained(name, revision, hub_kernels)

@@ -19,7 +19,7 @@ from sam2_peft.data.io import read_file, to_hwc
 from sam2_peft.data.transforms import Preprocessor
 from sam2_peft.hub import DomainAdapters, adapter_preprocessing, predict, resolve_data_config
 from sam2_peft.segmenter import base_sam2
-from sam2_peft.training import masks_at_original_size
+from sam2_peft.segmenter import masks_at_original_size
 
 
 def segment_image(

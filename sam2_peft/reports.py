@@ -113,6 +113,28 @@ def plot_overlays(samples: list[OverlaySample], path: str | Path) -> Path:
     return path
 
 
+def plot_history(history: list[dict], path: Path) -> None:
+    """Training loss and validation metrics against steps, as a PNG."""
+    plt = _pyplot()
+    train = [row for row in history if "loss" in row]
+    evals = [row for row in history if "dice" in row]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot([row["step"] for row in train], [row["loss"] for row in train], label="train loss")
+    for term in [key for key in (train[0] if train else {}) if key.endswith("_loss")]:  # unweighted terms
+        left.plot([row["step"] for row in train], [row[term] for row in train], linewidth=0.8, label=term)
+    left.set_xlabel("step")
+    left.set_yscale("log")
+    left.legend()
+    for name in ("dice", "iou"):
+        right.plot([row["step"] for row in evals], [row[name] for row in evals], marker="o", label=f"val {name}")
+    right.set_xlabel("step")
+    right.set_ylim(0, 1)
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def _pyplot():
     import matplotlib
 

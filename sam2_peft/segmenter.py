@@ -224,3 +224,26 @@ class Sam2Segmenter(nn.Module):
         else:
             masks, iou_scores, object_score_logits = decode(images, *objects)
         return SegmenterOutput(masks, iou_scores, object_score_logits)
+
+
+def best_mask_logits(output: SegmenterOutput) -> torch.Tensor:
+    """(N, M, h, w) candidates -> (N, h, w): the candidate with the highest predicted IoU."""
+    best = output.iou_scores.argmax(dim=1)
+    return output.mask_logits[torch.arange(len(best), device=best.device), best]
+
+
+def masks_at_original_size(logits: torch.Tensor, batch: dict) -> list[torch.Tensor]:
+    """Upsample (N, h, w) logits straight to each object's original image size and threshold at 0, as
+    `Sam2Processor.post_process_masks` and the official `SAM2ImagePredictor` do (bilinear, no corner alignment).
+
+    `batch` needs only `image_index` (N,) and `original_sizes` (B, 2) as (H, W).
+
+    Returns:
+        N bool masks (H_i, W_i), in the order of `batch["full_masks"]`.
+    """
+    masks = []
+    for index, image in enumerate(batch["image_index"].tolist()):
+        height, width = batch["original_sizes"][image].tolist()
+        resized = F.interpolate(logits[index : index + 1, None].float(), size=(height, width), mode="bilinear")
+        masks.append(resized[0, 0] > 0)
+    return masks

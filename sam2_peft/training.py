@@ -1,5 +1,5 @@
-"""The parts of the accelerate training loop: the interactive forward, loss, optimiser, schedule, validation,
-resumable state and early stopping. `sam2_peft.finetune.finetune` puts them together in accelerate's order.
+"""The parts of the accelerate training loop: loss, optimiser, schedule, validation, the loss window, resumable
+state and early stopping. `sam2_peft.finetune.finetune` puts them together in accelerate's order.
 """
 
 from __future__ import annotations
@@ -12,91 +12,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from sam2_peft.caching import encode_from_prefix
-from sam2_peft.data.prompts import sample_correction_clicks
 from sam2_peft.losses import LossWeights, downsample_targets, sam2_multistep_loss
-from sam2_peft.metrics.kernels import segmentation_scores
-from sam2_peft.segmenter import Sam2Segmenter, SegmenterOutput
+from sam2_peft.metrics.kernels import SCORE_NAMES, segmentation_scores
+from sam2_peft.segmenter import SegmenterOutput, best_mask_logits, masks_at_original_size
 
 # Written into a checkpoint folder after `save_state` returns: a run killed mid-save leaves a folder without it,
 # which `latest_checkpoint` skips.
 COMPLETE_MARKER = "checkpoint_complete"
-SCORE_NAMES = ("dice", "iou", "precision", "recall")
-
-
-class InteractiveSegmenter(nn.Module):
-    """A `Sam2Segmenter` that runs the initial prompts and then `correction_rounds` rounds of correction clicks.
-
-    All rounds happen inside one `forward`, because DistributedDataParallel expects one forward per backward. The
-    image is encoded once; each round adds a click sampled from the previous best mask's error and feeds that mask's
-    logits back as the mask prompt, as official SAM2 interactive training does.
-
-    Args:
-        model: a `Sam2Model` or the `PeftModel` from `apply_strategy`.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.segmenter = Sam2Segmenter(model)
-
-    def forward(
-        self,
-        batch: dict,
-        correction_rounds: int = 0,
-        generator: torch.Generator | None = None,
-        multimask_output: bool = True,
-    ) -> list[SegmenterOutput]:
-        """Predict masks for `batch` (the dict of `collate_objects`); returns one output per round.
-
-        `batch` may carry cached encoder output: `image_features` (the FPN maps) or `image_prefix` with
-        `prefix_start_block` (the activations entering the first trainable encoder block).
-        """
-        # Projected once for all rounds; maps encoded here are then let go of (see `Sam2Segmenter.project`).
-        features = self.segmenter.project(self.image_features(batch))
-        coords, labels = batch["point_coords"], batch["point_labels"]
-        mask_inputs = batch.get("mask_inputs")
-        outputs = []
-        for round_index in range(correction_rounds + 1):
-            if round_index > 0:
-                with torch.no_grad():
-                    previous = best_mask_logits(outputs[-1])
-                    size = batch["masks"].shape[-2:]
-                    predicted = F.interpolate(previous[:, None], size=size, mode="bilinear")[:, 0] > 0
-                    click, click_label = sample_correction_clicks(predicted, batch["masks"], generator)
-                coords = torch.cat([coords, click.to(coords.dtype)], dim=1)
-                labels = torch.cat([labels, click_label], dim=1)
-                mask_inputs = previous[:, None]
-            outputs.append(
-                self.segmenter(
-                    decoder_features=features,
-                    image_index=batch["image_index"],
-                    point_coords=coords,
-                    point_labels=labels,
-                    mask_inputs=mask_inputs,
-                    multimask_output=multimask_output,
-                )
-            )
-        return outputs
-
-    def image_features(self, batch: dict) -> list[torch.Tensor]:
-        """The FPN maps of the batch's images: cached, encoded from cached prefix activations, or encoded here."""
-        if batch.get("image_features") is not None:
-            return batch["image_features"]
-        if "image_prefix" in batch:
-            # The frozen blocks' activations came from a cache; the trainable blocks run here, inside forward.
-            vision_encoder = self.segmenter.sam.vision_encoder
-            return encode_from_prefix(vision_encoder, batch["image_prefix"], batch["prefix_start_block"])
-        return self.segmenter.encode_images(batch["pixel_values"])
-
-
-def best_mask_logits(output: SegmenterOutput) -> torch.Tensor:
-    """(N, M, h, w) candidates -> (N, h, w): the candidate with the highest predicted IoU."""
-    best = output.iou_scores.argmax(dim=1)
-    return output.mask_logits[torch.arange(len(best), device=best.device), best]
 
 
 def loss_weights(cfg) -> LossWeights:
@@ -159,23 +84,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_r
     """
     warmup = math.ceil(warmup_ratio * total_steps) * num_processes
     return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps * num_processes)
-
-
-def masks_at_original_size(logits: torch.Tensor, batch: dict) -> list[torch.Tensor]:
-    """Upsample (N, h, w) logits straight to each object's original image size and threshold at 0, as
-    `Sam2Processor.post_process_masks` and the official `SAM2ImagePredictor` do (bilinear, no corner alignment).
-
-    `batch` needs only `image_index` (N,) and `original_sizes` (B, 2) as (H, W).
-
-    Returns:
-        N bool masks (H_i, W_i), in the order of `batch["full_masks"]`.
-    """
-    masks = []
-    for index, image in enumerate(batch["image_index"].tolist()):
-        height, width = batch["original_sizes"][image].tolist()
-        resized = F.interpolate(logits[index : index + 1, None].float(), size=(height, width), mode="bilinear")
-        masks.append(resized[0, 0] > 0)
-    return masks
 
 
 @torch.no_grad()
@@ -314,29 +222,3 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-
-
-def plot_history(history: list[dict], path: Path) -> None:
-    """Training loss and validation metrics against steps, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [row for row in history if "loss" in row]
-    evals = [row for row in history if "dice" in row]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot([row["step"] for row in train], [row["loss"] for row in train], label="train loss")
-    for term in [key for key in (train[0] if train else {}) if key.endswith("_loss")]:  # unweighted terms
-        left.plot([row["step"] for row in train], [row[term] for row in train], linewidth=0.8, label=term)
-    left.set_xlabel("step")
-    left.set_yscale("log")
-    left.legend()
-    for name in ("dice", "iou"):
-        right.plot([row["step"] for row in evals], [row[name] for row in evals], marker="o", label=f"val {name}")
-    right.set_xlabel("step")
-    right.set_ylim(0, 1)
-    right.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)

@@ -37,13 +37,14 @@ from transformers import Sam2Config, Sam2Model
 
 from sam2_peft.caching import plan_cache
 from sam2_peft.hub import DomainAdapters, load_adapter, save_adapter
+from sam2_peft.interactive import InteractiveSegmenter
 from sam2_peft.interop.official_config import official_to_hf_config
 from sam2_peft.losses import LossWeights
 from sam2_peft.memory import enable_gradient_checkpointing
 from sam2_peft.models import load_sam2, model_fingerprint, tiny_random_config
 from sam2_peft.segmenter import SegmenterOutput, combine_prompts
 from sam2_peft.strategies import apply_strategy
-from sam2_peft.training import InteractiveSegmenter, build_optimizer, compute_loss
+from sam2_peft.training import build_optimizer, compute_loss
 
 # name -> (apply_strategy's strategy, its options)
 STRATEGIES = {

@@ -32,8 +32,8 @@ from sam2_peft.export import merge_to_folder
 from sam2_peft.metrics.instances import match_instances
 from sam2_peft.models import build_image_processor, load_sam2
 from sam2_peft.prediction import save_label_map
+from sam2_peft.segmenter import masks_at_original_size
 from sam2_peft.strategies import apply_strategy
-from sam2_peft.training import masks_at_original_size
 
 # Filters under which the scaled tiny model keeps several masks on `quadrants()` (5 at the time of writing). The
 # stability cut is no ratio of small integers, so no small mask's stability score equals it: SAM keeps such ties

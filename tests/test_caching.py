@@ -1,20 +1,14 @@
 import pytest
 import torch
 
-from sam2_peft.caching import (
-    FeatureCache,
-    PrefixCache,
-    encode_from_prefix,
-    encode_prefix,
-    first_trainable_block,
-    pixel_checksum,
-    plan_cache,
-)
+from sam2_peft.caching import FeatureCache, PrefixCache, first_trainable_block, pixel_checksum, plan_cache
+from sam2_peft.family import encode_from_prefix, encode_prefix
+from sam2_peft.interactive import InteractiveSegmenter
 from sam2_peft.losses import LossWeights
 from sam2_peft.models import load_sam2, model_fingerprint
 from sam2_peft.segmenter import Sam2Segmenter
 from sam2_peft.strategies import apply_strategy
-from sam2_peft.training import InteractiveSegmenter, build_optimizer, compute_loss
+from sam2_peft.training import build_optimizer, compute_loss
 
 PREPROCESSING = "size=256, imagenet"
 

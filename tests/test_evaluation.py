@@ -10,15 +10,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import sam2_peft.metrics
 from sam2_peft.config import TrainConfig
 from sam2_peft.data import Preprocessor, SegmentationDataset, collate_objects, load_source
 from sam2_peft.evaluation import evaluate_model, predict_objects
 from sam2_peft.finetune import finetune
 from sam2_peft.hub import load_adapter
+from sam2_peft.interactive import InteractiveSegmenter
+import sam2_peft.metrics
 from sam2_peft.models import load_sam2, model_fingerprint
 from sam2_peft.reports import CELL_PIXELS
-from sam2_peft.training import InteractiveSegmenter, best_mask_logits, masks_at_original_size
+from sam2_peft.segmenter import best_mask_logits, masks_at_original_size
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 SCORES = ("dice", "iou", "precision", "recall", "dice_micro", "iou_micro", "hd95", "nsd")

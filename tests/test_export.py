@@ -20,6 +20,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import Sam2Model, Sam2Processor
 
 from sam2_peft import export
+from sam2_peft.data.intensity import normalize_intensity
+from sam2_peft.data.transforms import Preprocessor
 from sam2_peft.export import (
     OfficialCheckpointError,
     convert_checkpoint,
@@ -43,11 +45,9 @@ from sam2_peft.interop.official_keys import (
     official_key_to_hf,
     official_to_hf,
 )
-from sam2_peft.data.intensity import normalize_intensity
-from sam2_peft.data.transforms import Preprocessor
 from sam2_peft.models import build_image_processor, load_sam2
 from sam2_peft.segmenter import Sam2Segmenter, combine_prompts
-from sam2_peft.training import masks_at_original_size
+from sam2_peft.segmenter import masks_at_original_size
 
 HAS_SAM2 = importlib.util.find_spec("sam2") is not None
 

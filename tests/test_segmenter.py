@@ -4,11 +4,11 @@ from unittest import mock
 import pytest
 import torch
 
-from sam2_peft.caching import encode_from_prefix, encode_prefix
+from sam2_peft.family import encode_from_prefix, encode_prefix
+from sam2_peft.interactive import InteractiveSegmenter
 from sam2_peft.models import load_sam2
 from sam2_peft.segmenter import PADDING, Sam2Segmenter, combine_prompts
 from sam2_peft.strategies import apply_strategy
-from sam2_peft.training import InteractiveSegmenter
 
 
 def test_matches_sam2model_forward_for_boxes(tiny_model):

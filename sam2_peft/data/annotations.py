@@ -22,7 +22,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from sam2_peft.data.io import DataError, encode_array
+from sam2_peft.data.io import DataError, encode_array, row_features
 
 logger = logging.getLogger(__name__)
 
@@ -222,8 +222,6 @@ def _with_skipped(rows: Iterator[dict], skipped: dict[str, int], none_left: Call
 def _convert(generator, sources: list[Path], **options) -> datasets.Dataset:
     """Run a row generator through `Dataset.from_generator`, cached under the sources' paths, sizes and mtimes, the
     options and `CONVERSION_VERSION`; move its skipped counts into the dataset's info (`skipped_counts`)."""
-    from sam2_peft.data.sources import row_features
-
     stamps = [(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in sources if path.exists()]
     key = json.dumps([generator.__name__, CONVERSION_VERSION, stamps, options], sort_keys=True, default=str)
     features = row_features()

@@ -21,6 +21,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from sam2_peft.data.intensity import IntensityConfig
+from sam2_peft.data.sources import load_source
 from sam2_peft.errors import ConfigError, MissingFileError
 
 # The fields that decide what the model sees and how masks become objects: they travel with an adapter.
@@ -96,8 +97,6 @@ class DataConfig:
 
     def load_splits(self, *, seed: int = 0):
         """Load `data` as splits (`sam2_peft.data.load_source`) with this config's columns, splits and axis."""
-        from sam2_peft.data.sources import load_source
-
         return load_source(
             self.data,
             image_column=self.image_column,

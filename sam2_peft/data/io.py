@@ -12,6 +12,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import PIL.ExifTags
 import PIL.Image
@@ -250,3 +251,13 @@ def decode_row(
     check_same_size(image, labels, what=name)
     check_mask_values(labels, mask_type=mask_type, num_classes=num_classes, what=what)
     return image, labels
+
+
+def row_features() -> datasets.Features:
+    """The columns every source produces; cells stay undecoded so that no 8-bit conversion happens."""
+    return datasets.Features(
+        image=datasets.Image(decode=False),
+        mask=datasets.Image(decode=False),
+        image_id=datasets.Value("string"),
+        domain=datasets.Value("string"),
+    )

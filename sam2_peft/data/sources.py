@@ -32,7 +32,8 @@ import huggingface_hub
 import numpy as np
 from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
-from sam2_peft.data.io import IMAGE_SUFFIXES, MASK_SUFFIXES, DataError
+from sam2_peft.data.annotations import load_coco, slice_nifti_pairs
+from sam2_peft.data.io import IMAGE_SUFFIXES, MASK_SUFFIXES, DataError, row_features
 
 SPLITS = ("train", "val", "test")
 VAL_SPLIT_NAMES = ("validation", "val", "valid", "dev")
@@ -90,8 +91,6 @@ def load_source(
     else:
         path = Path(data)
         if path.is_file() and path.suffix.lower() == ".json":
-            from sam2_peft.data.annotations import load_coco
-
             splits = datasets.DatasetDict(train=load_coco(path, image_dir=coco_image_dir, mask_type=mask_type))
         elif path.is_dir() and _is_saved_dataset(path):
             loaded = datasets.load_from_disk(str(path))
@@ -150,8 +149,6 @@ def _folder_split(folder: Path, nifti_axis: int) -> datasets.Dataset:
         )
     stems = sorted(images)
     if any(_is_nifti(images[s]) for s in stems):
-        from sam2_peft.data.annotations import slice_nifti_pairs
-
         return slice_nifti_pairs([(s, images[s], masks[s]) for s in stems], axis=nifti_axis)
     return datasets.Dataset.from_dict(
         {
@@ -161,16 +158,6 @@ def _folder_split(folder: Path, nifti_axis: int) -> datasets.Dataset:
             "domain": [None] * len(stems),
         },
         features=row_features(),
-    )
-
-
-def row_features() -> datasets.Features:
-    """The columns every source produces; cells stay undecoded so that no 8-bit conversion happens."""
-    return datasets.Features(
-        image=datasets.Image(decode=False),
-        mask=datasets.Image(decode=False),
-        image_id=datasets.Value("string"),
-        domain=datasets.Value("string"),
     )
 
 

@@ -23,6 +23,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from sam2_peft.data.io import DataError
+from sam2_peft.models import build_image_processor
+from sam2_peft.segmenter import base_sam2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,9 +57,6 @@ class Preprocessor:
     @classmethod
     def from_model(cls, model) -> Preprocessor:
         """Match a `Sam2Model` (or a PeftModel around one)."""
-        from sam2_peft.models import build_image_processor
-        from sam2_peft.segmenter import base_sam2
-
         return cls.from_processor(build_image_processor(base_sam2(model)))
 
     @property

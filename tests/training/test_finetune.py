@@ -7,7 +7,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import sam2_peft.data.sources as sources
+import sam2_peft.data.config as data_config
 import sam2_peft.finetune as finetune_module
 from sam2_peft.finetune import finetune
 from sam2_peft.training import COMPLETE_MARKER, latest_checkpoint
@@ -42,14 +42,14 @@ def test_loss_falls_on_an_overfitting_run(tmp_path):
         tmp_path, strategy="decoder", max_steps=200, eval_steps=200, logging_steps=10, learning_rate=1e-3,
         augment=False, box_probability=1.0, max_objects_per_image=4, checkpoint_steps=1000, warmup_ratio=0.0,
     )
-    first_two = sources.load_source(cfg.data)
+    first_two = data_config.load_source(cfg.data)
     first_two["train"] = first_two["val"] = first_two["train"].select(range(2))
-    original = sources.load_source
-    sources.load_source = lambda *args, **kwargs: first_two
+    original = data_config.load_source
+    data_config.load_source = lambda *args, **kwargs: first_two
     try:
         metrics = finetune(cfg)
     finally:
-        sources.load_source = original
+        data_config.load_source = original
     losses = [row["loss"] for row in json.loads((tmp_path / "history.json").read_text())["history"] if "loss" in row]
     print(losses[0], losses[-1], metrics["baseline"]["dice"], metrics["last"]["dice"])
     assert losses[-1] < 0.25 * losses[0]
@@ -143,9 +143,9 @@ def test_feature_cache_encodes_each_view_once(tmp_path, monkeypatch):
     encoded = []
     compute = FeatureCache._compute
     monkeypatch.setattr(FeatureCache, "_compute", lambda self, seg, pixels: encoded.append(len(pixels)) or compute(self, seg, pixels))
-    four = sources.load_source(SAMPLE_DATA)
+    four = data_config.load_source(SAMPLE_DATA)
     four["train"] = four["train"].select(range(4))
-    monkeypatch.setattr(sources, "load_source", lambda *args, **kwargs: four)
+    monkeypatch.setattr(data_config, "load_source", lambda *args, **kwargs: four)
     cfg = tiny_config(tmp_path, strategy="decoder", augment=True, cache_views=2, max_steps=None, num_epochs=4,
                       eval_steps=8, checkpoint_steps=100)
     metrics = finetune(cfg)
