@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import datasets
 import numpy as np
 
-from sam2_peft.data.annotations import skipped_counts
+from sam2_peft.data.conversion import skipped_counts
 from sam2_peft.data.io import decode_row
 from sam2_peft.data.objects import TOO_SMALL, extract_objects
 from sam2_peft.data.sources import load_source

@@ -32,8 +32,9 @@ import huggingface_hub
 import numpy as np
 from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
-from sam2_peft.data.annotations import load_coco, slice_nifti_pairs
+from sam2_peft.data.annotations import load_coco
 from sam2_peft.data.io import IMAGE_SUFFIXES, MASK_SUFFIXES, DataError, row_features
+from sam2_peft.data.nifti import slice_nifti_pairs
 
 SPLITS = ("train", "val", "test")
 VAL_SPLIT_NAMES = ("validation", "val", "valid", "dev")

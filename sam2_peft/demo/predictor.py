@@ -25,7 +25,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from sam2_peft.data.annotations import read_volume
+from sam2_peft.data.nifti import read_volume
 from sam2_peft.data.config import INTENSITY_FIELDS, DataConfig
 from sam2_peft.data.intensity import IntensityConfig, normalize_intensity
 from sam2_peft.data.io import DataError, read_file, to_hwc

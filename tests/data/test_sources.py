@@ -271,6 +271,7 @@ def test_conversions_are_cached_until_the_source_file_changes(tmp_path, monkeypa
     import PIL.Image
 
     from sam2_peft.data import annotations
+    from sam2_peft.data.conversion import skipped_counts
 
     (tmp_path / "images").mkdir()
     PIL.Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "images" / "c.png")
@@ -293,7 +294,7 @@ def test_conversions_are_cached_until_the_source_file_changes(tmp_path, monkeypa
     monkeypatch.setattr(annotations, "_coco_rows", must_not_run)
     again = annotations.load_coco(path)
     assert again.cache_files == first.cache_files and again["image_id"] == ["c"]
-    assert annotations.skipped_counts(again) == annotations.skipped_counts(first) == lost
+    assert skipped_counts(again) == skipped_counts(first) == lost
 
     coco["annotations"].append({"id": 3, "image_id": 1, "segmentation": [[6, 6, 9, 6, 9, 9, 6, 9]]})
     path.write_text(json.dumps(coco))
