@@ -46,31 +46,11 @@ from transformers.models.sam2.image_processing_sam2 import (
     _compute_stability_score,
 )
 
-from sam2_peft.data.intensity import IntensityConfig, normalize_intensity
-from sam2_peft.data.io import decode_row, read_file, to_hwc
+from sam2_peft.data.intensity import IntensityConfig, load_pixels, normalize_intensity
+from sam2_peft.data.io import decode_row
 from sam2_peft.data.transforms import Preprocessor
 from sam2_peft.metrics.instances import aggregate_matches, match_instances
 from sam2_peft.segmenter import POSITIVE, Sam2Segmenter
-
-def load_pixels(image, intensity: IntensityConfig = IntensityConfig()) -> torch.Tensor:
-    """Read an image as the model sees it before resizing: (3, H, W) float32 in [0, 1].
-
-    Args:
-        image: a file path (8/16-bit or float PNG/TIFF/JPEG, grayscale or colour), a raw (H, W[, C]) array or
-            PIL image (mapped by `intensity`), or a (3, H, W) float tensor already in [0, 1] (returned as it is).
-        intensity: how raw intensities map to [0, 1], as in training.
-    """
-    if torch.is_tensor(image):
-        if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
-            shape = tuple(image.shape)
-            raise ValueError(f"A tensor image must be (3, H, W) float in [0, 1], not {shape} {image.dtype}.")
-        return image
-    if isinstance(image, (str, os.PathLike)):
-        raw, what = read_file(image), str(image)
-    else:
-        raw, what = np.asarray(image), "the image array"
-    return torch.from_numpy(normalize_intensity(to_hwc(raw, what=what), intensity))
-
 
 def check_options(height: int, width: int, *, points_per_side: int, points_per_batch: int, pred_iou_thresh: float,
                   stability_score_thresh: float, stability_score_offset: float, box_nms_thresh: float,

@@ -44,8 +44,7 @@ from sam2_peft.interactive import InteractiveSegmenter
 from sam2_peft.metrics import compute_metrics
 from sam2_peft.models import load_sam2
 from sam2_peft.reports import OverlaySample, display_name, format_eval_table, plot_overlays, select_examples
-from sam2_peft.segmenter import PADDING
-from sam2_peft.segmenter import best_mask_logits, masks_at_original_size
+from sam2_peft.segmenter import PADDING, best_mask_logits, masks_at_original_size
 
 FINE_TUNED, BASELINE = "fine_tuned", "baseline"
 CSV_COLUMNS = (

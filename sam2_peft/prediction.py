@@ -14,12 +14,10 @@ import PIL.Image
 import torch
 
 from sam2_peft.data.config import DataConfig
-from sam2_peft.data.intensity import normalize_intensity
-from sam2_peft.data.io import read_file, to_hwc
+from sam2_peft.data.intensity import load_pixels
 from sam2_peft.data.transforms import Preprocessor
 from sam2_peft.hub import DomainAdapters, adapter_preprocessing, predict, resolve_data_config
-from sam2_peft.segmenter import base_sam2
-from sam2_peft.segmenter import masks_at_original_size
+from sam2_peft.segmenter import base_sam2, masks_at_original_size
 
 
 def segment_image(
@@ -50,8 +48,7 @@ def segment_image(
     preprocessor = Preprocessor.from_model(base_sam2(network))
     config = resolve_data_config(data or DataConfig(), adapter_preprocessing(network, domain),
                                  where=f"adapter {domain!r}" if domain else "the active adapter")
-    raw = to_hwc(read_file(image), what=str(image))
-    pixels = torch.from_numpy(normalize_intensity(raw, config.intensity_config()))
+    pixels = load_pixels(image, config.intensity_config())
     height, width = pixels.shape[-2:]
     boxes_in = preprocessor.scale_coords(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 2, 2), (height, width))
     image_index = torch.zeros(len(boxes), dtype=torch.long)

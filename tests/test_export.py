@@ -46,8 +46,7 @@ from sam2_peft.interop.official_keys import (
     official_to_hf,
 )
 from sam2_peft.models import build_image_processor, load_sam2
-from sam2_peft.segmenter import Sam2Segmenter, combine_prompts
-from sam2_peft.segmenter import masks_at_original_size
+from sam2_peft.segmenter import Sam2Segmenter, combine_prompts, masks_at_original_size
 
 HAS_SAM2 = importlib.util.find_spec("sam2") is not None
 

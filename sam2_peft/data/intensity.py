@@ -17,11 +17,13 @@ Grayscale is repeated to three channels; the alpha channel of RGBA is dropped (a
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from sam2_peft.data.io import DataError
+from sam2_peft.data.io import DataError, read_file, to_hwc
 
 CT_WINDOWS = {"abdomen": (40.0, 400.0), "lung": (-600.0, 1500.0), "bone": (400.0, 1800.0)}
 MODES = ("auto", "percentile", "minmax", "range", "window")
@@ -100,3 +102,23 @@ def _rescale(values: np.ndarray, low: float, high: float) -> np.ndarray:
     if high <= low:  # a constant image: keep it black rather than dividing by zero
         return np.zeros_like(values)
     return np.clip((values - low) / (high - low), 0.0, 1.0)
+
+
+def load_pixels(image, intensity: IntensityConfig = IntensityConfig()) -> torch.Tensor:
+    """Read an image as the model sees it before resizing: (3, H, W) float32 in [0, 1].
+
+    Args:
+        image: a file path (8/16-bit or float PNG/TIFF/JPEG, grayscale or colour), a raw (H, W[, C]) array or
+            PIL image (mapped by `intensity`), or a (3, H, W) float tensor already in [0, 1] (returned as it is).
+        intensity: how raw intensities map to [0, 1], as in training.
+    """
+    if torch.is_tensor(image):
+        if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
+            shape = tuple(image.shape)
+            raise ValueError(f"A tensor image must be (3, H, W) float in [0, 1], not {shape} {image.dtype}.")
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        raw, what = read_file(image), str(image)
+    else:
+        raw, what = np.asarray(image), "the image array"
+    return torch.from_numpy(normalize_intensity(to_hwc(raw, what=what), intensity))

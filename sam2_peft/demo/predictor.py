@@ -34,8 +34,7 @@ from sam2_peft.data.transforms import Preprocessor
 from sam2_peft.hub import DomainAdapters, adapter_preprocessing, load_adapter, resolve_adapter, resolve_data_config
 from sam2_peft.hub.files import PEFT_WEIGHTS
 from sam2_peft.models import load_sam2
-from sam2_peft.segmenter import NEGATIVE, POSITIVE, Sam2Segmenter, combine_prompts
-from sam2_peft.segmenter import masks_at_original_size
+from sam2_peft.segmenter import NEGATIVE, POSITIVE, Sam2Segmenter, combine_prompts, masks_at_original_size
 
 BASE_COLOUR = (30, 144, 255)  # blue
 ADAPTER_COLOUR = (255, 140, 0)  # orange
