@@ -27,6 +27,8 @@ from transformers import (
     Sam2Config,
     Sam2ImageProcessor,
     Sam2Model,
+    Sam2VideoConfig,
+    Sam2VideoModel,
     Sam3TrackerConfig,
     Sam3TrackerModel,
 )
@@ -47,6 +49,12 @@ TINY_RANDOM = "tiny-random"
 TINY_RANDOM_SAM3_TRACKER = "tiny-random-sam3-tracker"
 TINY_RANDOM_EDGETAM = "tiny-random-edgetam"
 TINY_RANDOM_SEED = 0
+# `Sam2VideoModel` parameters that `Sam2Model` does not have: the memory path.
+VIDEO_ONLY_PREFIXES = (
+    "memory_attention.", "memory_encoder.", "mask_downsample.", "object_pointer_proj.",
+    "temporal_positional_encoding_projection_layer.", "memory_temporal_positional_encoding",
+    "no_memory_positional_encoding", "no_object_pointer", "occlusion_spatial_embedding_parameter",
+)
 # config.json `model_type` -> the class that loads it. The video and full SAM3 checkpoints hold the image model's
 # weights (SAM3's under `tracker_config`), which these classes' `from_pretrained` takes and the rest it ignores.
 MODEL_TYPES = {
@@ -91,6 +99,29 @@ def tiny_random_config() -> Sam2Config:
         ),
         prompt_encoder_config=dict(hidden_size=hidden, image_size=256, patch_size=16),
         mask_decoder_config=_tiny_decoder(hidden),
+    )
+
+
+def tiny_random_video_config() -> Sam2VideoConfig:
+    """Build the tiny random `Sam2VideoModel` configuration: `tiny_random_config`'s image path plus small memory
+    modules (memory attention 64 wide, 2 layers; memory features 32 channels), so clips of a few 256-px frames train
+    in seconds on a CPU."""
+    image = tiny_random_config().to_dict()
+    return Sam2VideoConfig(
+        vision_config=image["vision_config"],
+        prompt_encoder_config=image["prompt_encoder_config"],
+        mask_decoder_config=image["mask_decoder_config"],
+        initializer_range=image["initializer_range"],
+        image_size=256,
+        memory_attention_hidden_size=64,
+        memory_attention_num_layers=2,
+        memory_attention_feed_forward_hidden_size=128,
+        memory_attention_rope_feat_sizes=[16, 16],  # the S/16 map of a 256-px frame
+        memory_encoder_hidden_size=64,
+        memory_encoder_output_channels=32,
+        mask_downsampler_embed_dim=64,
+        memory_fuser_embed_dim=64,
+        memory_fuser_intermediate_dim=128,
     )
 
 
@@ -188,6 +219,7 @@ def load_sam2(
     device: str | torch.device | None = None,
     sam2_config: str | None = None,
     hub_kernels: bool = False,
+    video: bool = False,
 ) -> nn.Module:
     """Load a model of the SAM2 family: a transformers `Sam2Model`, `Sam3TrackerModel` or `EdgeTamModel`.
 
@@ -205,6 +237,8 @@ def load_sam2(
             (`kernels-community/*`, through the `kernels` package) when the model moves between train and eval
             mode on CUDA. Off by default: it runs code fetched at run time, and offline it fails at the first
             `eval()`. transformers' `from_pretrained` turns it on by default; here it stays off unless asked.
+        video: return the video model (`Sam2VideoModel`: the image model's parameters plus the memory modules).
+            For `tiny-random` its image weights equal `load_sam2("tiny-random")`'s.
 
     Returns:
         The model in eval mode; `model.config._name_or_path` records where it came from.
@@ -217,11 +251,10 @@ def load_sam2(
     name = str(name_or_path)
     if hub_kernels:
         check_hub_kernels_reachable()
+    if video and name != TINY_RANDOM:
+        raise ModelLoadError(f"video=True: {name!r} cannot load as a video model yet; use {TINY_RANDOM!r}.")
     if name in TINY_PRESETS:
-        model_class, build_config = TINY_PRESETS[name]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(TINY_RANDOM_SEED)
-            model = model_class(build_config())
+        model = _tiny_random_video() if video else _tiny_preset(name)
         model.config._name_or_path = name
     elif name.endswith(".pt"):
         model = load_official_checkpoint(name, sam2_config)
@@ -235,6 +268,24 @@ def load_sam2(
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def _tiny_preset(name: str) -> nn.Module:
+    model_class, build_config = TINY_PRESETS[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_RANDOM_SEED)
+        return model_class(build_config())
+
+
+def _tiny_random_video() -> Sam2VideoModel:
+    """`tiny-random` as a video model: the image preset's weights, memory modules drawn from the next seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_RANDOM_SEED + 1)
+        model = Sam2VideoModel(tiny_random_video_config())
+    missing, unexpected = model.load_state_dict(_tiny_preset(TINY_RANDOM).state_dict(), strict=False)
+    if unexpected or any(not key.startswith(VIDEO_ONLY_PREFIXES) for key in missing):
+        raise RuntimeError(f"tiny-random image weights do not fit the video preset: {unexpected or missing}")
+    return model
 
 
 def check_hub_kernels_reachable() -> None:
