@@ -28,18 +28,22 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import EdgeTamModel, Sam2Model, Sam3TrackerModel
+from transformers import EdgeTamModel, Sam2Model, Sam2VideoModel, Sam3TrackerModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.edgetam.modeling_edgetam import EdgeTamTwoWayAttentionBlock, EdgeTamVisionModel
 from transformers.models.sam2.modeling_sam2 import Sam2TwoWayAttentionBlock, Sam2VisionModel
+from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoTwoWayAttentionBlock
 from transformers.models.sam3.modeling_sam3 import Sam3VisionModel
 from transformers.models.sam3_tracker.modeling_sam3_tracker import Sam3TrackerTwoWayAttentionBlock
 
 from sam2_peft.layers import pointwise_conv
 
-MODEL_CLASSES = (Sam2Model, Sam3TrackerModel, EdgeTamModel)
+# `Sam2VideoModel` holds every `Sam2Model` parameter (same names and shapes) plus the memory modules.
+MODEL_CLASSES = (Sam2Model, Sam3TrackerModel, EdgeTamModel, Sam2VideoModel)
 # The first two-way layer whose image side `mask_decoder.decoder_images` computes once per image.
-TWO_WAY_BLOCKS = (Sam2TwoWayAttentionBlock, Sam3TrackerTwoWayAttentionBlock, EdgeTamTwoWayAttentionBlock)
+TWO_WAY_BLOCKS = (
+    Sam2TwoWayAttentionBlock, Sam3TrackerTwoWayAttentionBlock, EdgeTamTwoWayAttentionBlock, Sam2VideoTwoWayAttentionBlock,
+)
 VISION_ENCODER = "vision_encoder."
 
 
@@ -49,7 +53,7 @@ def supported_classes() -> str:
 
 
 def is_family_model(module: nn.Module) -> bool:
-    """Whether `module` is a `Sam2Model`, `Sam3TrackerModel` or `EdgeTamModel`."""
+    """Whether `module` is a `Sam2Model`, `Sam3TrackerModel`, `EdgeTamModel` or `Sam2VideoModel`."""
     return isinstance(module, MODEL_CLASSES)
 
 
