@@ -127,28 +127,11 @@ def generate_masks(
                   pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
                   stability_score_offset=stability_score_offset, box_nms_thresh=box_nms_thresh,
                   min_mask_region_area=min_mask_region_area)
-    segmenter = Sam2Segmenter(model).eval()
-    device = next(model.parameters()).device
-    preprocessor = Preprocessor.from_model(model)
-    features = segmenter.project(segmenter.encode_images(preprocessor.pixel_values(pixels)[None].to(device)))
-    points = _build_point_grid(points_per_side) * torch.tensor([float(width), float(height)])  # (P, 2) image x, y
-    prompts = preprocessor.scale_coords(points, (height, width)).to(device)
-    kept = []
-    for start in range(0, len(points), points_per_batch):
-        batch = prompts[start : start + points_per_batch, None]  # (n, 1, 2): one click per prompt
-        output = segmenter(
-            decoder_features=features,
-            image_index=torch.zeros(len(batch), dtype=torch.long, device=device),
-            point_coords=batch,
-            point_labels=torch.full(batch.shape[:2], POSITIVE, device=device),
-        )
-        kept.append(_filter_candidates(
-            output.mask_logits.flatten(0, 1), output.iou_scores.flatten(),
-            points[start : start + points_per_batch].repeat_interleave(output.mask_logits.shape[1], dim=0),
-            size=(height, width), pred_iou_thresh=pred_iou_thresh,
-            stability_score_thresh=stability_score_thresh, stability_score_offset=stability_score_offset,
-        ))
-    masks, scores, stability, grid = (torch.cat(part) for part in zip(*kept))
+    masks, scores, stability, grid = _grid_candidates(
+        model, pixels, points_per_side=points_per_side, points_per_batch=points_per_batch,
+        pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
+        stability_score_offset=stability_score_offset,
+    )  # fmt: skip
     boxes = _batched_mask_to_box(masks)
     keep = batched_nms(boxes.float(), scores, torch.zeros_like(scores), box_nms_thresh)
     masks, scores, stability, grid, boxes = masks[keep], scores[keep], stability[keep], grid[keep], boxes[keep]
@@ -168,6 +151,37 @@ def generate_masks(
         }
         for mask, score, stable, point, (x0, y0, x1, y1) in zip(masks, scores, stability, grid, boxes.tolist())
     ]
+
+
+def _grid_candidates(model: nn.Module, pixels: torch.Tensor, *, points_per_side: int, points_per_batch: int,
+                     **cuts) -> tuple[torch.Tensor, ...]:
+    """Prompt `model` with one click per grid point, in batches, and keep the candidates that pass `cuts`.
+
+    Returns:
+        masks (M, H, W) bool, predicted IoU (M,), stability score (M,) and the grid point (M, 2) in image pixels.
+    """
+    height, width = pixels.shape[-2:]
+    segmenter = Sam2Segmenter(model).eval()
+    device = next(model.parameters()).device
+    preprocessor = Preprocessor.from_model(model)
+    features = segmenter.project(segmenter.encode_images(preprocessor.pixel_values(pixels)[None].to(device)))
+    points = _build_point_grid(points_per_side) * torch.tensor([float(width), float(height)])  # (P, 2) image x, y
+    prompts = preprocessor.scale_coords(points, (height, width)).to(device)
+    kept = []
+    for start in range(0, len(points), points_per_batch):
+        batch = prompts[start : start + points_per_batch, None]  # (n, 1, 2): one click per prompt
+        output = segmenter(
+            decoder_features=features,
+            image_index=torch.zeros(len(batch), dtype=torch.long, device=device),
+            point_coords=batch,
+            point_labels=torch.full(batch.shape[:2], POSITIVE, device=device),
+        )
+        kept.append(_filter_candidates(
+            output.mask_logits.flatten(0, 1), output.iou_scores.flatten(),
+            points[start : start + points_per_batch].repeat_interleave(output.mask_logits.shape[1], dim=0),
+            size=(height, width), **cuts,
+        ))
+    return tuple(torch.cat(part) for part in zip(*kept))
 
 
 def _filter_candidates(logits, iou_scores, points, *, size, pred_iou_thresh, stability_score_thresh,

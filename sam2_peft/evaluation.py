@@ -14,7 +14,7 @@ behind the `evaluate` module, called directly to skip its Arrow round trip).
 
 Files written to `output_dir`:
     metrics.json     {"protocol": {...}, "fine_tuned": M, "baseline": M, "gain": {...}}; see `evaluate_model`.
-    per_object.csv   one row per object and model (`CSV_COLUMNS`), the `model` column naming which.
+    per_object.csv   one row per object and model (`eval_files.CSV_COLUMNS`), the `model` column naming which.
     overlays.png     image + prompt, ground truth and each model's prediction for the worst, best and some
                      random objects (`sam2_peft.reports.plot_overlays`).
 """
@@ -22,9 +22,8 @@ Files written to `output_dir`:
 from __future__ import annotations
 
 import copy
-import csv
+import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,21 +35,15 @@ from torch.utils.data import DataLoader
 
 from sam2_peft.data import Preprocessor, SegmentationDataset, collate_objects
 from sam2_peft.data.config import PREPROCESSING_FIELDS, DataConfig
-from sam2_peft.data.intensity import normalize_intensity
-from sam2_peft.data.io import decode_row
 from sam2_peft.errors import ConfigError
+from sam2_peft.eval_files import BASELINE, FINE_TUNED, json_ready, write_eval_files
 from sam2_peft.hub import adapter_preprocessing, load_adapter, resolve_data_config
 from sam2_peft.interactive import InteractiveSegmenter
 from sam2_peft.metrics import compute_metrics
 from sam2_peft.models import load_sam2
-from sam2_peft.reports import OverlaySample, display_name, format_eval_table, plot_overlays, select_examples
+from sam2_peft.reports import format_eval_table
 from sam2_peft.segmenter import PADDING, best_mask_logits, masks_at_original_size
 
-FINE_TUNED, BASELINE = "fine_tuned", "baseline"
-CSV_COLUMNS = (
-    "model", "image_id", "object_index", "class_id", "area", "predicted_area",
-    "dice", "iou", "precision", "recall", "hd95", "nsd", "predicted_iou", "object_score",
-)  # fmt: skip
 EVERYTHING = "everything"
 # What `prompt="everything"` reports (and `gain` compares): instance matching of automatic masks.
 EVERYTHING_METRICS = ("precision", "recall", "f1", "mean_matched_iou", "panoptic_quality")
@@ -173,28 +166,48 @@ def score_predictions(predictions: ObjectPredictions, *, nsd_tolerance: float = 
     return scores
 
 
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How objects are prompted and scored: the same for the fine-tuned model and its baseline.
+
+    Attributes:
+        prompt: `box`, `point` (the object's innermost pixel), `points:K` (K seeded positive clicks), or
+            `everything`: automatic masks from a point grid (`sam2_peft.automatic`), matched one-to-one to the
+            instances by IoU (`sam2_peft.metrics.instances`), scored by precision, recall, F1 and mean matched IoU.
+        correction_clicks: correction rounds after the initial prompt (one click each, from the previous error).
+        split: the split to score; default `test` when the source has one, else `val`.
+        batch_size: images per forward pass (correction clicks are seeded per batch).
+        baseline: also score the base model without the adapter on the same prompts (needs an adapter).
+        seed: seeds `points:K` clicks and correction clicks, and the hold-out of `val` from `train` when the source
+            has no validation split; keep the training run's `--seed` (default 42) to score its validation images.
+        max_objects_per_image: score a seeded subset of at most this many objects per image; None scores all.
+        nsd_tolerance: tolerance of the normalised surface Dice, in pixels.
+        everything: for `prompt="everything"`, the options of `generate_masks` (`points_per_side`, ...) and
+            `iou_threshold` of the matching (default 0.5).
+    """
+
+    prompt: str = "box"
+    correction_clicks: int = 0
+    split: str | None = None
+    batch_size: int = 4
+    baseline: bool = True
+    seed: int = 42
+    max_objects_per_image: int | None = None
+    nsd_tolerance: float = 1.0
+    everything: dict | None = None
+
+
 def evaluate_model(
     model: str | nn.Module,
     data,
     *,
     adapter: str | os.PathLike | None = None,
-    revision: str | None = None,
-    sam2_config: str | None = None,
-    adapter_revision: str | None = None,
-    prompt: str = "box",
-    correction_clicks: int = 0,
-    split: str | None = None,
-    batch_size: int = 4,
+    protocol: EvalProtocol | None = None,
     output_dir: str | os.PathLike | None = None,
-    baseline: bool = True,
-    seed: int = 42,
-    max_objects_per_image: int | None = None,
-    nsd_tolerance: float = 1.0,
     num_overlays: int = 8,
     device: str | torch.device | None = None,
     verbose: bool = True,
-    hub_kernels: bool = False,
-    everything: dict | None = None,
+    **options,
 ) -> dict:
     """Evaluate `model` (with `adapter`, and by default also without it) on one split of `data`.
 
@@ -206,27 +219,14 @@ def evaluate_model(
             fields left unset come from the adapter's `preprocessor_config.json`, else their defaults; a set field
             that disagrees with the adapter wins, with a warning.
         adapter: a run's `DIR/final`, any adapter folder, or a Hub id; None evaluates `model` alone.
-        revision: Hub revision of `model` (when a name).
-        sam2_config: official config name for a `.pt` `model` (e.g. `sam2.1_hiera_t`); guessed if unset.
-        adapter_revision: Hub revision of `adapter`.
-        prompt: `box`, `point` (the object's innermost pixel), `points:K` (K seeded positive clicks), or
-            `everything`: automatic masks from a point grid (`sam2_peft.automatic`), matched one-to-one to the
-            instances by IoU (`sam2_peft.metrics.instances`), scored by precision, recall, F1 and mean matched IoU.
-        correction_clicks: correction rounds after the initial prompt (one click each, from the previous error).
-        split: the split to score; default `test` when the source has one, else `val`.
-        batch_size: images per forward pass.
+        protocol: how objects are prompted and scored (`EvalProtocol`; default its defaults).
         output_dir: where `metrics.json`, `per_object.csv` and `overlays.png` go; None writes nothing.
-        baseline: also score the base model without the adapter on the same prompts (needs `adapter`).
-        seed: seeds `points:K` clicks and correction clicks, and the hold-out of `val` from `train` when the source
-            has no validation split; keep the training run's `--seed` (default 42) to score its validation images.
-        max_objects_per_image: score a seeded subset of at most this many objects per image; None scores all.
-        nsd_tolerance: tolerance of the normalised surface Dice, in pixels.
         num_overlays: objects shown in `overlays.png` (a third worst, a third best, the rest random); 0 for none.
         device: default CUDA when available, else CPU.
         verbose: print the side-by-side table (`sam2_peft.reports.format_eval_table`).
-        hub_kernels: load `model` with transformers' Hub kernels (see `load_sam2`).
-        everything: for `prompt="everything"`, the options of `generate_masks` (`points_per_side`, ...) and
-            `iou_threshold` of the matching (default 0.5).
+        **options: `EvalProtocol` fields (`prompt="points:3"`, `split="val"`, ...), which override `protocol`'s;
+            and how the models load: `revision` (of `model`), `sam2_config` (official config name for a `.pt`,
+            guessed if unset), `hub_kernels` (see `load_sam2`), `adapter_revision`.
 
     Returns:
         What `metrics.json` holds: `protocol` (the settings above, for reproducibility), `fine_tuned` (the scores of
@@ -240,78 +240,89 @@ def evaluate_model(
         >>> results = evaluate_model("tiny-random", "examples/data", adapter="runs/decoder/final", prompt="points:3")
         >>> results["gain"]["dice"]
     """
-    if baseline and adapter is None:
-        baseline = False
-    owned = isinstance(model, str)
-    base = load_sam2(model, revision=revision, sam2_config=sam2_config, hub_kernels=hub_kernels) if owned else model
-    tuned = base
-    if adapter is not None:
-        # The adapter is loaded first, since its preprocessing decides how the data is read; onto a copy when the
-        # base must stay as it is (the caller's model, or the baseline's).
-        keep = baseline or not owned
-        tuned = load_adapter(copy.deepcopy(base) if keep else base, adapter, revision=adapter_revision)
+    loading = {name: options.pop(name) for name in LOADING_OPTIONS if name in options}
+    protocol = _protocol(protocol, options, has_adapter=adapter is not None)
+    base, tuned = _load_models(model, adapter, keep_base=protocol.baseline, **loading)
     config = data if isinstance(data, DataConfig) else DataConfig(data=data)
     config = resolve_data_config(config, adapter_preprocessing(tuned) if adapter is not None else None,
                                  where=f"--adapter {adapter}")
-    splits = config.load_splits(seed=seed)
-    split = split or ("test" if "test" in splits else "val")
-    if split not in splits:
-        raise ValueError(f"--data {config.data}: no split {split!r}; it has {sorted(splits)}. Pick one with --split.")
-    if prompt == EVERYTHING:
-        return _evaluate_everything(base if baseline else None, tuned, splits[split], config, everything or {},
-                                    protocol={"model": model if owned else type(model).__name__,
-                                              "adapter": None if adapter is None else str(adapter),
-                                              "data": str(config.data), "split": split, "prompt": prompt},
-                                    output_dir=output_dir, verbose=verbose)
+    rows, split, skipped = _load_split(config, protocol)
+    settings = {"model": model if isinstance(model, str) else type(model).__name__,
+                "adapter": None if adapter is None else str(adapter), "data": str(config.data), "split": split,
+                "prompt": protocol.prompt}
+    if protocol.prompt == EVERYTHING:
+        return _evaluate_everything(base if protocol.baseline else None, tuned, rows, config, protocol.everything or {},
+                                    protocol=settings, output_dir=output_dir, verbose=verbose)
     dataset = SegmentationDataset(
-        splits[split],
-        Preprocessor.from_model(base),
-        mask_type=config.mask_type,
-        num_classes=config.num_classes,
-        min_object_area=config.min_object_area,
-        max_objects_per_image=max_objects_per_image,
-        intensity=config.intensity_config(),
-        prompts=prompt,
-        seed=seed,
-        split=split,
-    )
-    run = dict(batch_size=batch_size, correction_clicks=correction_clicks, seed=seed, device=device)
-    predictions = {}
-    if baseline:
-        predictions[BASELINE] = predict_objects(base, dataset, **run)
-    predictions[FINE_TUNED] = predict_objects(tuned, dataset, **run)
-
-    scores = {name: score_predictions(p, nsd_tolerance=nsd_tolerance, device=device) for name, p in predictions.items()}
-    results = {
-        "protocol": {
-            "model": model if owned else type(model).__name__,
-            "adapter": None if adapter is None else str(adapter),
-            "data": str(config.data),
-            "split": split,
-            "prompt": prompt,
-            "correction_clicks": correction_clicks,
-            "seed": seed,
-            **{name: getattr(config, name) for name in PREPROCESSING_FIELDS},
-            "min_object_area": config.min_object_area,
-            "max_objects_per_image": max_objects_per_image,
-            "nsd_tolerance": nsd_tolerance,
-        },
-        FINE_TUNED: {k: v for k, v in scores[FINE_TUNED].items() if k != "per_object"},
-    }
-    if baseline:
-        results[BASELINE] = {k: v for k, v in scores[BASELINE].items() if k != "per_object"}
-        results["gain"] = {name: scores[FINE_TUNED][name] - scores[BASELINE][name] for name in GAIN_METRICS}
-    results = _json_ready(results)
+        rows, Preprocessor.from_model(base), mask_type=config.mask_type, num_classes=config.num_classes,
+        min_object_area=config.min_object_area, max_objects_per_image=protocol.max_objects_per_image,
+        intensity=config.intensity_config(), prompts=protocol.prompt, seed=protocol.seed, split=split,
+        skipped=skipped,
+    )  # fmt: skip
+    models = {BASELINE: base, FINE_TUNED: tuned} if protocol.baseline else {FINE_TUNED: tuned}
+    run = dict(batch_size=protocol.batch_size, correction_clicks=protocol.correction_clicks, seed=protocol.seed,
+               device=device)
+    predictions = {name: predict_objects(module, dataset, **run) for name, module in models.items()}
+    scores = {name: score_predictions(p, nsd_tolerance=protocol.nsd_tolerance, device=device)
+              for name, p in predictions.items()}
+    settings.update(correction_clicks=protocol.correction_clicks, seed=protocol.seed,
+                    **{name: getattr(config, name) for name in PREPROCESSING_FIELDS},
+                    min_object_area=config.min_object_area, max_objects_per_image=protocol.max_objects_per_image,
+                    nsd_tolerance=protocol.nsd_tolerance)
+    results = json_ready(compare_scores(settings, scores))
     if output_dir is not None:
-        output = Path(output_dir)
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "metrics.json").write_text(json.dumps(results, indent=2))
-        write_object_csv(output / "per_object.csv", predictions, scores)
-        if num_overlays > 0:
-            samples = overlay_samples(dataset, predictions, scores, num_overlays, seed, adapter is not None)
-            plot_overlays(samples, output / "overlays.png")
+        write_eval_files(output_dir, results, predictions, scores, dataset, num_overlays=num_overlays,
+                         seed=protocol.seed, has_adapter=adapter is not None)
     if verbose:
         print(format_eval_table(results))
+    return results
+
+
+# The keyword options of `evaluate_model` that say how the models load (the others are `EvalProtocol` fields).
+LOADING_OPTIONS = ("revision", "sam2_config", "hub_kernels", "adapter_revision")
+
+
+def _protocol(protocol: EvalProtocol | None, fields: dict, *, has_adapter: bool) -> EvalProtocol:
+    """`protocol` with the keyword `fields` on top; no baseline without an adapter (it would equal the model)."""
+    known = {f.name for f in dataclasses.fields(EvalProtocol)}
+    if unknown := sorted(set(fields) - known):
+        raise TypeError(f"evaluate_model() got unknown option(s) {unknown}; it takes the EvalProtocol fields "
+                        f"{sorted(known)} and {list(LOADING_OPTIONS)}.")
+    protocol = dataclasses.replace(protocol or EvalProtocol(), **fields)
+    return protocol if has_adapter else dataclasses.replace(protocol, baseline=False)
+
+
+def _load_models(model, adapter, *, keep_base: bool, revision=None, sam2_config=None, hub_kernels=False,
+                 adapter_revision=None) -> tuple[nn.Module, nn.Module]:
+    """The base model and the model to score (the base with `adapter`, or the base itself without one)."""
+    owned = isinstance(model, str)
+    base = load_sam2(model, revision=revision, sam2_config=sam2_config, hub_kernels=hub_kernels) if owned else model
+    if adapter is None:
+        return base, base
+    # The adapter is loaded before the data, since its preprocessing decides how the data is read; onto a copy when
+    # the base must stay as it is (the caller's model, or the baseline's).
+    keep = keep_base or not owned
+    return base, load_adapter(copy.deepcopy(base) if keep else base, adapter, revision=adapter_revision)
+
+
+def _load_split(config: DataConfig, protocol: EvalProtocol):
+    """The rows of the split to score, its name (`protocol.split`, default `test` if present, else `val`) and what
+    loading skipped in it."""
+    splits = config.load_splits(seed=protocol.seed)
+    split = protocol.split or ("test" if "test" in splits else "val")
+    if split not in splits:
+        raise ValueError(f"--data {config.data}: no split {split!r}; it has {sorted(splits)}. Pick one with --split.")
+    return splits[split], split, splits.skipped[split]
+
+
+def compare_scores(protocol: dict, scores: dict[str, dict]) -> dict:
+    """`metrics.json`'s content: the protocol, each model's scores without `per_object`, and the `gain`."""
+    results = {"protocol": protocol}
+    for name in (FINE_TUNED, BASELINE):
+        if name in scores:
+            results[name] = {key: value for key, value in scores[name].items() if key != "per_object"}
+    if BASELINE in scores:
+        results["gain"] = {name: scores[FINE_TUNED][name] - scores[BASELINE][name] for name in GAIN_METRICS}
     return results
 
 
@@ -327,7 +338,7 @@ def _evaluate_everything(base, tuned, rows, config: DataConfig, options: dict, *
     if base is not None:
         results[BASELINE] = evaluate_everything(base, rows, **run)
         results["gain"] = {name: results[FINE_TUNED][name] - results[BASELINE][name] for name in EVERYTHING_METRICS}
-    results = _json_ready(results)
+    results = json_ready(results)
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         (Path(output_dir) / "metrics.json").write_text(json.dumps(results, indent=2))
@@ -338,72 +349,3 @@ def _evaluate_everything(base, tuned, rows, config: DataConfig, options: dict, *
             values = [results[name][metric] for name in names]
             print(f"{metric:<18}" + "".join("        null" if v is None else f"{v:12.4f}" for v in values))
     return results
-
-
-def write_object_csv(path: Path, predictions: dict[str, ObjectPredictions], scores: dict[str, dict]) -> None:
-    """Write one row per object and model (`CSV_COLUMNS`); hd95 is empty where it is undefined."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for name, pred in predictions.items():
-            per_object = scores[name]["per_object"]
-            for i in range(len(pred.masks)):
-                row = {
-                    "model": name,
-                    "image_id": pred.image_ids[i],
-                    "object_index": pred.object_index[i],
-                    "class_id": pred.class_ids[i],
-                    "area": int(pred.references[i].sum()),
-                    "predicted_area": int(pred.masks[i].sum()),
-                    "predicted_iou": pred.predicted_iou[i],
-                    "object_score": pred.object_score[i],
-                }
-                for metric in ("dice", "iou", "precision", "recall", "hd95", "nsd"):
-                    value = per_object[metric][i]
-                    row[metric] = "" if math.isnan(value) else value
-                writer.writerow(row)
-
-
-def overlay_samples(
-    dataset: SegmentationDataset,
-    predictions: dict[str, ObjectPredictions],
-    scores: dict[str, dict],
-    count: int,
-    seed: int,
-    has_adapter: bool,
-) -> list[OverlaySample]:
-    """Pick the worst, best and some random objects by the fine-tuned Dice and gather what the grid shows."""
-    chosen = select_examples(scores[FINE_TUNED]["per_object"]["dice"], count, seed)
-    tuned = predictions[FINE_TUNED]
-    names = [name for name in (BASELINE, FINE_TUNED) if name in predictions]
-    titles = {name: display_name(name, has_adapter) for name in names}
-    samples = []
-    for i in chosen:
-        row_index = dataset.indices[tuned.items[i]]
-        where = f"split {dataset.split!r}, row {row_index}"
-        image, _ = decode_row(dataset.rows[row_index], where=where, mask_type=dataset.mask_type)
-        # (3, H, W) in [0, 1] -> (H, W, 3) for imshow, with the intensity mapping the model saw.
-        pixels = normalize_intensity(image, dataset.intensity).transpose(1, 2, 0)
-        samples.append(
-            OverlaySample(
-                image=pixels,
-                target=tuned.references[i],
-                predictions={titles[name]: predictions[name].masks[i] for name in names},
-                scores={titles[name]: scores[name]["per_object"]["dice"][i] for name in names},
-                point_coords=tuned.point_coords[i],
-                point_labels=tuned.point_labels[i],
-                title=f"{tuned.image_ids[i]} #{tuned.object_index[i]}",
-            )
-        )
-    return samples
-
-
-def _json_ready(value):
-    """Replace NaN and infinities (not JSON) with None, recursively."""
-    if isinstance(value, dict):
-        return {key: _json_ready(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

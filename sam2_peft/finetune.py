@@ -182,8 +182,9 @@ def build_run(accelerator: Accelerator, cfg: TrainConfig, splits, model, base_fi
     prompts = PromptConfig(box_prob=cfg.box_probability, box_noise=cfg.box_jitter, num_positive=cfg.num_points)
     train_set = SegmentationDataset(splits["train"], preprocessor, keep_empty_images=cfg.keep_empty_images,
                                     augment=AugmentConfig() if cfg.augment else None, prompts=prompts, split="train",
-                                    **common)
-    val_set = SegmentationDataset(splits["val"], preprocessor, prompts="box", split="val", **common)
+                                    skipped=splits.skipped["train"], **common)
+    val_set = SegmentationDataset(splits["val"], preprocessor, prompts="box", split="val",
+                                  skipped=splits.skipped["val"], **common)
     plan = plan_cache(model, changes_pixels=train_set.changes_pixels, enabled=cfg.cache_features,
                       num_views=cfg.cache_views, num_images=len(train_set))
     accelerator.print(plan.message)

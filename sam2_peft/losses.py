@@ -135,23 +135,8 @@ def sam2_loss(
         >>> sam2_loss(out.mask_logits, out.iou_scores, out.object_score_logits, targets)["loss"].backward()
     """
     weights = weights or LossWeights()
-    if mask_logits.dim() != 4:
-        raise ValueError(f"`mask_logits` must be (N, M, h, w), got {tuple(mask_logits.shape)}.")
-    n, m = mask_logits.shape[:2]
-    if target_masks.shape != (n, *mask_logits.shape[2:]):
-        raise ValueError(
-            f"`target_masks` must be (N, h, w) = {(n, *mask_logits.shape[2:])} to match `mask_logits` "
-            f"(N, M, h, w) = {tuple(mask_logits.shape)}, got {tuple(target_masks.shape)}; see `downsample_targets`."
-        )
-    if iou_scores.shape != (n, m) or object_score_logits.shape != (n, 1):
-        raise ValueError(
-            f"Expected `iou_scores` {(n, m)} and `object_score_logits` {(n, 1)}, got {tuple(iou_scores.shape)} and "
-            f"{tuple(object_score_logits.shape)}."
-        )
-    if object_present is not None and object_present.shape != (n,):
-        raise ValueError(f"`object_present` must be (N,) = {(n,)}, got {tuple(object_present.shape)}.")
-    if iou_loss not in ("l1", "mse"):
-        raise ValueError(f"`iou_loss` must be 'l1' or 'mse', got {iou_loss!r}.")
+    _check_inputs(mask_logits, iou_scores, object_score_logits, target_masks, object_present, iou_loss)
+    n = mask_logits.shape[0]
     # Losses in at least float32: bf16/fp16 logits lose too much in the sigmoid and the pixel means.
     dtype = torch.promote_types(mask_logits.dtype, torch.float32)
     mask_logits = mask_logits.to(dtype)
@@ -183,6 +168,27 @@ def sam2_loss(
     }
     total = sum(terms[name] * getattr(weights, name) for name in LOSS_TERMS)
     return {"loss": total, **terms}
+
+
+def _check_inputs(mask_logits, iou_scores, object_score_logits, target_masks, object_present, iou_loss) -> None:
+    """Refuse `sam2_loss` inputs whose shapes disagree, naming each argument and the shape it must have."""
+    if mask_logits.dim() != 4:
+        raise ValueError(f"`mask_logits` must be (N, M, h, w), got {tuple(mask_logits.shape)}.")
+    n, m = mask_logits.shape[:2]
+    if target_masks.shape != (n, *mask_logits.shape[2:]):
+        raise ValueError(
+            f"`target_masks` must be (N, h, w) = {(n, *mask_logits.shape[2:])} to match `mask_logits` "
+            f"(N, M, h, w) = {tuple(mask_logits.shape)}, got {tuple(target_masks.shape)}; see `downsample_targets`."
+        )
+    if iou_scores.shape != (n, m) or object_score_logits.shape != (n, 1):
+        raise ValueError(
+            f"Expected `iou_scores` {(n, m)} and `object_score_logits` {(n, 1)}, got {tuple(iou_scores.shape)} and "
+            f"{tuple(object_score_logits.shape)}."
+        )
+    if object_present is not None and object_present.shape != (n,):
+        raise ValueError(f"`object_present` must be (N,) = {(n,)}, got {tuple(object_present.shape)}.")
+    if iou_loss not in ("l1", "mse"):
+        raise ValueError(f"`iou_loss` must be 'l1' or 'mse', got {iou_loss!r}.")
 
 
 def sam2_multistep_loss(

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from sam2_peft.config import TrainConfig
 from sam2_peft.data import Preprocessor, SegmentationDataset, collate_objects, load_source
-from sam2_peft.evaluation import evaluate_model, predict_objects
+from sam2_peft.evaluation import EvalProtocol, evaluate_model, predict_objects
 from sam2_peft.finetune import finetune
 from sam2_peft.hub import load_adapter
 from sam2_peft.interactive import InteractiveSegmenter
@@ -139,3 +139,14 @@ def test_model_module_is_left_unchanged_and_missing_split_is_named(run):
     assert set(results) == {"protocol", "fine_tuned"} and results["fine_tuned"]["num_objects"] == 2
     with pytest.raises(ValueError, match=r"no split 'test'; it has \['train', 'val'\]"):
         evaluate_model("tiny-random", run["data"], split="test", verbose=False)
+
+
+def test_a_protocol_object_equals_its_fields_as_keywords_and_unknown_options_are_named(run, evaluated):
+    results, _ = evaluated
+    protocol = EvalProtocol(split="test", max_objects_per_image=4, seed=7)
+    # Keywords override the protocol's fields: this is the baseline run of `evaluated`, scored again.
+    plain = evaluate_model(load_sam2("tiny-random"), run["data"], protocol=protocol, split="val", seed=run["cfg"].seed,
+                           verbose=False)
+    assert plain["fine_tuned"] == results["baseline"] and plain["protocol"]["seed"] == run["cfg"].seed
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['prompts'\]"):
+        evaluate_model("tiny-random", run["data"], prompts="box")

@@ -1,34 +1,28 @@
 """COCO instance annotations as label maps.
 
-    dataset = load_coco("annotations/instances.json", image_dir="images", mask_type="instance")
+    rows, skipped = load_coco("annotations/instances.json", image_dir="images", mask_type="instance")
 
 Polygons and RLE become one instance label map per image (1..n in annotation order, later annotations on top where
-they overlap; crowd regions are kept as objects). Empty
-annotations, annotations hidden by later overlapping ones and those of unlisted images are counted
-(`conversion.skipped_counts`).
+they overlap; crowd regions are kept as objects). Empty annotations, annotations hidden by later overlapping ones
+and those of unlisted images are counted in the returned `Conversion`'s `skipped`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import datasets
 import numpy as np
 
-from sam2_peft.data.conversion import convert_rows, source_row, with_skipped
+from sam2_peft.data.conversion import Conversion, convert_rows, require_rows, source_row
 from sam2_peft.data.io import DataError, encode_array
-
-logger = logging.getLogger(__name__)
-
 
 
 def load_coco(
     path: str | os.PathLike, *, image_dir: str | os.PathLike | None = None, mask_type: str = "instance"
-) -> datasets.Dataset:
+) -> Conversion:
     """Load COCO annotations as rows of image paths and label maps.
 
     Args:
@@ -39,10 +33,13 @@ def load_coco(
             `category_id`, so annotations of one category merge into one object per class.
 
     Where annotations overlap, the later one in the file keeps the pixels; an annotation left with no pixel at all is
-    counted in the split's skipped report, as are annotations of images the file does not list.
+    counted in `skipped`, as are annotations of images the file does not list.
+
+    Returns:
+        The rows (image paths and label maps) and the skipped annotations by reason.
 
     Example:
-        >>> rows = load_coco("annotations/instances_val.json")
+        >>> rows, skipped = load_coco("annotations/instances_val.json")
     """
     if mask_type not in ("instance", "semantic"):
         raise ValueError(f"mask_type={mask_type!r} is unknown; use 'instance' or 'semantic'.")
@@ -50,18 +47,18 @@ def load_coco(
     if image_dir is None:
         image_dir = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
     image_dir = Path(image_dir).resolve()
-    dataset = convert_rows(_coco_rows, [path], path=str(path), image_dir=str(image_dir), mask_type=mask_type)
+    converted = convert_rows(_coco_rows, [path], path=str(path), image_dir=str(image_dir), mask_type=mask_type)
     # The cache key covers the json, not the images: check them on every load, cached or not.
-    missing = [cell["path"] for cell in dataset["image"] if not Path(cell["path"]).is_file()]
+    missing = [cell["path"] for cell in converted.rows["image"] if not Path(cell["path"]).is_file()]
     if missing:
         raise DataError(
             f"{path}: {len(missing)} image(s) not found, e.g. {missing[0]}; pass `coco_image_dir=` with the folder "
             "that holds the images."
         )
-    return dataset
+    return converted
 
 
-def _coco_rows(path: str, image_dir: str, mask_type: str) -> Iterator[dict]:
+def _coco_rows(skipped: dict[str, int], path: str, image_dir: str, mask_type: str) -> Iterator[dict]:
     from pycocotools import mask as mask_utils
 
     path, image_dir = Path(path), Path(image_dir)
@@ -77,13 +74,13 @@ def _coco_rows(path: str, image_dir: str, mask_type: str) -> Iterator[dict]:
     for ann in coco["annotations"]:
         per_image.setdefault(ann["image_id"], []).append(ann)
     listed = {info["id"] for info in coco["images"]}
-    skipped = {
+    skipped.update({
         "COCO annotations of images not in 'images'": sum(
             len(anns) for image_id, anns in per_image.items() if image_id not in listed
         ),
         "COCO annotations with an empty segmentation": 0,
         "COCO annotations hidden by later overlapping ones": 0,
-    }
+    })
 
     def rows() -> Iterator[dict]:
         for info in coco["images"]:
@@ -105,7 +102,7 @@ def _coco_rows(path: str, image_dir: str, mask_type: str) -> Iterator[dict]:
             image = {"path": str(image_dir / info["file_name"]), "bytes": None}  # load_coco checks that it exists
             yield source_row(image, encode_array(labels), Path(info["file_name"]).stem)
 
-    yield from with_skipped(rows(), skipped, none_left=lambda: f"{path} lists no images.")
+    yield from require_rows(rows(), none_left=lambda: f"{path} lists no images.")
 
 
 def _rle(ann: dict, height: int, width: int, path: Path, file_name: str):

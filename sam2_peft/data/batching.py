@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import datasets
@@ -63,6 +64,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
             `"points:K"` or `EvalPrompt`), which also switches augmentation and negatives off.
         seed: base seed of every random choice.
         split: the split's name, for messages.
+        skipped: what loading left out of this split before its rows (`Splits.skipped[name]`), by reason; reported
+            with the rest.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         prompts: PromptConfig | EvalPrompt | str = PromptConfig(),
         seed: int = 0,
         split: str = "train",
+        skipped: Mapping[str, int] | None = None,
     ):
         if isinstance(prompts, str):
             prompts = EvalPrompt.parse(prompts)
@@ -110,6 +114,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
             num_classes=num_classes,
             min_object_area=min_object_area,
             keep_empty_images=self.keep_empty_images,
+            skipped=skipped,
         )
         self.indices = self.report.usable
         logger.info("Data:\n%s", self.report.format())

@@ -1,49 +1,45 @@
 """NIfTI image + label volumes as 2-D slices: each volume is cut along one axis, and slices without any label are
-skipped and counted (`conversion.skipped_counts`). Volumes keep their stored dtype (int16 CT, float MR).
+skipped and counted (in the returned `Conversion`). Volumes keep their stored dtype (int16 CT, float MR).
 
-    dataset = slice_nifti_pairs([("case_01", Path("images/case_01.nii.gz"), Path("masks/case_01.nii.gz"))], axis=2)
+    rows, skipped = slice_nifti_pairs([("case_01", Path("images/case_01.nii.gz"), Path("masks/case_01.nii.gz"))])
+    skipped                          # {"empty slices (NIfTI)": 12}
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-import datasets
 import numpy as np
 
-from sam2_peft.data.conversion import convert_rows, skipped_counts, source_row, with_skipped
+from sam2_peft.data.conversion import Conversion, convert_rows, require_rows, source_row
 from sam2_peft.data.io import DataError, encode_array
 
-logger = logging.getLogger(__name__)
 
-
-def slice_nifti_pairs(pairs: list[tuple[str, Path, Path]], *, axis: int = 2) -> datasets.Dataset:
+def slice_nifti_pairs(pairs: list[tuple[str, Path, Path]], *, axis: int = 2) -> Conversion:
     """Cut NIfTI image + label volumes into 2-D slices along `axis`, skipping (and counting) unlabelled slices.
 
     Args:
         pairs: `(stem, image_path, label_path)` for each volume.
         axis: 0, 1 or 2, in the volume's voxel order (2 = axial for RAS-oriented scans).
+
+    Returns:
+        The slices as rows (ids `<stem>/<axis>:<index>`) and the count of skipped slices (`EMPTY_SLICES`).
     """
     if axis not in (0, 1, 2):
         raise DataError(f"nifti_axis={axis} must be 0, 1 or 2.")
     pairs = [(stem, str(image_path), str(label_path)) for stem, image_path, label_path in pairs]
     sources = [Path(path) for _, image_path, label_path in pairs for path in (image_path, label_path)]
-    dataset = convert_rows(_nifti_rows, sources, pairs=pairs, axis=axis)
-    empty = skipped_counts(dataset).get(EMPTY_SLICES, 0)
-    if empty:
-        logger.info("NIfTI: skipped %d slice(s) without labels along axis %d.", empty, axis)
-    return dataset
+    return convert_rows(_nifti_rows, sources, pairs=pairs, axis=axis)
 
 
 EMPTY_SLICES = "empty slices (NIfTI)"
 
 
-def _nifti_rows(pairs: list[tuple[str, str, str]], axis: int) -> Iterator[dict]:
+def _nifti_rows(skipped: dict[str, int], pairs: list[tuple[str, str, str]], axis: int) -> Iterator[dict]:
     import nibabel
 
-    skipped = {EMPTY_SLICES: 0}
+    skipped[EMPTY_SLICES] = 0
 
     def rows() -> Iterator[dict]:
         for stem, image_path, label_path in pairs:
@@ -62,8 +58,8 @@ def _nifti_rows(pairs: list[tuple[str, str, str]], axis: int) -> Iterator[dict]:
                 image = encode_array(np.take(volume, index, axis=axis))
                 yield source_row(image, encode_array(label_slice), f"{stem}/{axis}:{index}")
 
-    yield from with_skipped(
-        rows(), skipped, none_left=lambda: f"No NIfTI slice along axis {axis} has any label ({skipped[EMPTY_SLICES]} "
+    yield from require_rows(
+        rows(), none_left=lambda: f"No NIfTI slice along axis {axis} has any label ({skipped[EMPTY_SLICES]} "
         "empty slices); check the label files."
     )
 

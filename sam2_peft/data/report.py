@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
 
-from sam2_peft.data.conversion import skipped_counts
 from sam2_peft.data.io import decode_row
 from sam2_peft.data.objects import TOO_SMALL, extract_objects
 from sam2_peft.data.sources import load_source
@@ -99,10 +99,22 @@ def scan_split(
     num_classes: int | None = None,
     min_object_area: int = 0,
     keep_empty_images: bool = False,
+    skipped: Mapping[str, int] | None = None,
 ) -> SplitReport:
-    """Decode and check every row of one split and count its objects (raises `DataError` on the first bad row)."""
+    """Decode and check every row of one split and count its objects (raises `DataError` on the first bad row).
+
+    Args:
+        rows: one split (of `load_source`'s `Splits`).
+        name: its name, for messages.
+        mask_type: `instance` or `semantic`.
+        num_classes: for semantic maps, the largest valid class id (checked when given).
+        min_object_area: objects with fewer pixels are skipped (and counted).
+        keep_empty_images: keep images without objects as negatives instead of skipping them.
+        skipped: what loading left out of the split before these rows, by reason (`Splits.skipped[name]`); it is
+            reported with what the scan skips.
+    """
     report = SplitReport(name=name, num_rows=len(rows))
-    report.skipped.update(skipped_counts(rows))
+    report.skipped.update(skipped or {})
     low, high = report.intensity_range
     for index, row in enumerate(rows):
         image, labels = decode_row(row, where=f"split {name!r}, row {index}", mask_type=mask_type, num_classes=num_classes)
@@ -159,6 +171,7 @@ def inspect_dataset(
                 num_classes=num_classes,
                 min_object_area=min_object_area,
                 keep_empty_images=keep_empty_images,
+                skipped=splits.skipped[name],
             )
             for name, rows in splits.items()
         }

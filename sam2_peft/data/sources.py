@@ -1,4 +1,4 @@
-"""Load any supported source as a `datasets.DatasetDict` with `image` and `mask` columns (and `domain`, `image_id`).
+"""Load any supported source as `Splits` (a `datasets.DatasetDict`) with `image`, `mask`, `domain`, `image_id`.
 
     from sam2_peft.data import load_source
     splits = load_source("examples/data")                 # image/mask folder, with or without train/ val/ test/
@@ -6,6 +6,7 @@
     splits = load_source("saved_dataset_dir")             # datasets' save_to_disk output
     splits = load_source("annotations.json")              # COCO instances (polygons and RLE)
     splits = load_source("volumes_dir")                   # the folder layout with .nii/.nii.gz files
+    splits.skipped["train"]                               # {"empty slices (NIfTI)": 40}: what conversion left out
 
 Split names are normalised to `train`, `val` and `test`. A source without a validation split gets one cut from
 `train` with a seeded fraction (`val_fraction`), so every run on the same data validates on the same images.
@@ -23,7 +24,9 @@ folder it is when `load_dataset` fails.
 from __future__ import annotations
 
 import functools
+import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +36,40 @@ import numpy as np
 from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
 from sam2_peft.data.annotations import load_coco
+from sam2_peft.data.conversion import Conversion
 from sam2_peft.data.io import IMAGE_SUFFIXES, MASK_SUFFIXES, DataError, row_features
 from sam2_peft.data.nifti import slice_nifti_pairs
 
 SPLITS = ("train", "val", "test")
 VAL_SPLIT_NAMES = ("validation", "val", "valid", "dev")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+logger = logging.getLogger(__name__)
+
+
+class Splits(datasets.DatasetDict):
+    """What `load_source` returns: a `DatasetDict` of some of `train`, `val`, `test`, and what loading skipped.
+
+    Attributes:
+        skipped: split -> reason -> count of the items a converting source (COCO, NIfTI) left out of that split, for
+            every split (`{}` where nothing was). A validation split cut from `train` has `{}`: the counts describe
+            the whole source and are reported once, with `train`.
+    """
+
+    def __init__(self, splits: Mapping[str, datasets.Dataset] | None = None,
+                 skipped: Mapping[str, Mapping[str, int]] | None = None):
+        super().__init__(splits or {})
+        skipped = dict(skipped or {})
+        if unknown := sorted(set(skipped) - set(self)):
+            raise ValueError(f"skipped counts for {unknown}, which are not splits ({sorted(self)}).")
+        self.skipped: dict[str, dict[str, int]] = {name: dict(skipped.get(name, {})) for name in self}
+
+    @classmethod
+    def from_conversions(cls, conversions: Mapping[str, Conversion]) -> Splits:
+        """The splits of converted sources, each with its rows and skip counts."""
+        return cls(
+            {name: c.rows for name, c in conversions.items()}, {name: c.skipped for name, c in conversions.items()}
+        )
 
 
 def load_source(
@@ -56,8 +87,8 @@ def load_source(
     coco_image_dir: str | os.PathLike | None = None,
     mask_type: str = "instance",
     nifti_axis: int = 2,
-) -> datasets.DatasetDict:
-    """Load `data` as splits with the columns `image`, `mask`, `image_id` and `domain`.
+) -> Splits:
+    """Load `data` as splits with the columns `image`, `mask`, `image_id` and `domain`, and what was skipped.
 
     Args:
         data: an image/mask folder, a folder written by `save_to_disk`, a COCO `.json` file, a folder of NIfTI
@@ -80,7 +111,8 @@ def load_source(
         nifti_axis: axis along which NIfTI volumes are cut into 2-D slices (2 = axial for RAS volumes).
 
     Returns:
-        A `DatasetDict` with some of the splits `train`, `val`, `test`.
+        `Splits`: a `DatasetDict` with some of the splits `train`, `val`, `test`, whose `skipped` holds, per split,
+        what a converting source (COCO, NIfTI) left out by reason.
 
     Example:
         >>> splits = load_source("examples/data")
@@ -89,10 +121,13 @@ def load_source(
     """
     if isinstance(data, (datasets.Dataset, datasets.DatasetDict)):
         splits = _from_datasets(data, image_column, mask_column, domain_column, train_split, val_split, test_split)
+        if isinstance(data, Splits):  # loaded before: its counts stay with it
+            splits.skipped.update({name: dict(counts) for name, counts in data.skipped.items() if name in splits})
     else:
         path = Path(data)
         if path.is_file() and path.suffix.lower() == ".json":
-            splits = datasets.DatasetDict(train=load_coco(path, image_dir=coco_image_dir, mask_type=mask_type))
+            coco = load_coco(path, image_dir=coco_image_dir, mask_type=mask_type)
+            splits = Splits.from_conversions({"train": coco})
         elif path.is_dir() and _is_saved_dataset(path):
             loaded = datasets.load_from_disk(str(path))
             splits = _from_datasets(loaded, image_column, mask_column, domain_column, train_split, val_split, test_split)
@@ -106,10 +141,14 @@ def load_source(
         else:
             loaded = _load_hub(str(data), revision)
             splits = _from_datasets(loaded, image_column, mask_column, domain_column, train_split, val_split, test_split)
-    return _hold_out_val(splits, val_fraction, seed)
+    splits = _hold_out_val(splits, val_fraction, seed)
+    for name, counts in splits.skipped.items():
+        if counts:
+            logger.info("Split %r: loading skipped %s.", name, "; ".join(f"{n} {r}" for r, n in sorted(counts.items())))
+    return splits
 
 
-def load_folder(root: str | os.PathLike, *, nifti_axis: int = 2) -> datasets.DatasetDict:
+def load_folder(root: str | os.PathLike, *, nifti_axis: int = 2) -> Splits:
     """Load the image/mask folder layout: `root/images/<stem>.*` + `root/masks/<stem>.*`, or per split subfolders.
 
     NIfTI volumes (`.nii`, `.nii.gz`) in the same layout are sliced along `nifti_axis`.
@@ -121,13 +160,13 @@ def load_folder(root: str | os.PathLike, *, nifti_axis: int = 2) -> datasets.Dat
             raise DataError(
                 f"{root} has both images/ + masks/ and split subfolders ({', '.join(present)}/); keep one layout."
             )
-        return datasets.DatasetDict(train=_folder_split(root, nifti_axis))
+        return Splits.from_conversions({"train": _folder_split(root, nifti_axis)})
     if not present:
         raise DataError(f"{root} has no images/ and masks/ folders, at the top or under {', '.join(SPLITS)}/.")
-    return datasets.DatasetDict({split: _folder_split(root / split, nifti_axis) for split in present})
+    return Splits.from_conversions({split: _folder_split(root / split, nifti_axis) for split in present})
 
 
-def _folder_split(folder: Path, nifti_axis: int) -> datasets.Dataset:
+def _folder_split(folder: Path, nifti_axis: int) -> Conversion:
     images = _index_files(folder / "images", IMAGE_SUFFIXES + NIFTI_SUFFIXES)
     masks = _index_files(folder / "masks", MASK_SUFFIXES + NIFTI_SUFFIXES)
     if not images:
@@ -151,7 +190,7 @@ def _folder_split(folder: Path, nifti_axis: int) -> datasets.Dataset:
     stems = sorted(images)
     if any(_is_nifti(images[s]) for s in stems):
         return slice_nifti_pairs([(s, images[s], masks[s]) for s in stems], axis=nifti_axis)
-    return datasets.Dataset.from_dict(
+    rows = datasets.Dataset.from_dict(
         {
             "image": [{"path": str(images[s]), "bytes": None} for s in stems],
             "mask": [{"path": str(masks[s]), "bytes": None} for s in stems],
@@ -160,6 +199,7 @@ def _folder_split(folder: Path, nifti_axis: int) -> datasets.Dataset:
         },
         features=row_features(),
     )
+    return Conversion(rows, {})
 
 
 def _index_files(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
@@ -233,7 +273,7 @@ def _from_datasets(
     train_split: str,
     val_split: str | None,
     test_split: str,
-) -> datasets.DatasetDict:
+) -> Splits:
     if isinstance(data, datasets.Dataset):
         data = datasets.DatasetDict({train_split: data})
     names = {train_split: "train", test_split: "test"}
@@ -248,7 +288,7 @@ def _from_datasets(
             f"train_split={train_split!r} is not a split of this dataset (splits: {sorted(data)}); pass "
             "`train_split=` with one of them."
         )
-    return datasets.DatasetDict(
+    return Splits(
         {ours: _standard_columns(data[theirs], theirs, image_column, mask_column, domain_column)
          for theirs, ours in names.items() if theirs in data}
     )
@@ -331,7 +371,7 @@ def _as_array(value: Any, dtype: np.dtype) -> Any:
         return value
 
 
-def _hold_out_val(splits: datasets.DatasetDict, val_fraction: float, seed: int) -> datasets.DatasetDict:
+def _hold_out_val(splits: Splits, val_fraction: float, seed: int) -> Splits:
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction={val_fraction} must be in [0, 1).")
     if "val" in splits or "train" not in splits or val_fraction == 0.0 or len(splits["train"]) < 2:
@@ -355,6 +395,5 @@ def _hold_out_val(splits: datasets.DatasetDict, val_fraction: float, seed: int) 
             count += sizes[group]
         out["train"] = train.select([i for i, group in enumerate(groups) if group not in held_out])
         out["val"] = train.select([i for i, group in enumerate(groups) if group in held_out])
-    # A converting source's skipped counts describe all of it: report them with train only.
-    out["val"].info.description = None
-    return datasets.DatasetDict({s: out[s] for s in SPLITS if s in out})
+    # A converting source's skipped counts describe all of it: they stay with train only (the new val gets none).
+    return Splits({s: out[s] for s in SPLITS if s in out}, splits.skipped)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import numpy as np
@@ -56,61 +57,82 @@ def overlays(image: LoadedImage, result: Comparison, prompt: Prompt) -> tuple[np
 
 def build_app(predictor: DemoPredictor, *, nifti_axis: int = 2) -> gr.Blocks:
     """Build the page: upload, prompt by clicking, both models' overlays, numbers and the label-map download."""
-    read = functools.lru_cache(maxsize=4)(functools.partial(predictor.read, nifti_axis=nifti_axis))
-    downloads = tempfile.TemporaryDirectory(prefix="sam2-peft-demo-")
+    handlers = Handlers(predictor, nifti_axis=nifti_axis)
+    with gr.Blocks(title="sam2-peft: base vs fine-tuned", analytics_enabled=False) as app:
+        app.downloads = handlers.downloads  # lives as long as the app: the label maps the page offers are in it
+        gr.Markdown(f"## Base model vs fine-tuned adapter\n{_INSTRUCTIONS}")
+        page = _layout(predictor.names)
+        _wire(page, handlers)
+    return app
 
-    def load(path, slice_index, domain) -> LoadedImage:
-        return read(path, domain=domain, slice_index=None if slice_index is None else int(slice_index))
 
+class Handlers:
+    """The page's event handlers over one `DemoPredictor`: each takes component values and returns new ones.
+
+    Args:
+        predictor: the models to compare.
+        nifti_axis: the axis NIfTI uploads are sliced along.
+    """
+
+    def __init__(self, predictor: DemoPredictor, *, nifti_axis: int = 2):
+        self.predictor = predictor
+        # Clicks re-run the prediction on the same upload: decode it once.
+        self.read = functools.lru_cache(maxsize=4)(functools.partial(predictor.read, nifti_axis=nifti_axis))
+        self.downloads = tempfile.TemporaryDirectory(prefix="sam2-peft-demo-")
+
+    def load(self, path, slice_index, domain) -> LoadedImage:
+        return self.read(path, domain=domain, slice_index=None if slice_index is None else int(slice_index))
+
+    @staticmethod
     def prompt_of(box_text, clicks) -> Prompt:
         return Prompt(parse_box(box_text), [tuple(p) for p in clicks["points"]], list(clicks["labels"]))
 
-    def drawn(path, slice_index, domain, box_text, clicks):
-        image = load(path, slice_index, domain)
-        return draw_prompt(image.display(), prompt_of(box_text, clicks), clicks["corner"]), image.description
+    def drawn(self, path, slice_index, domain, box_text, clicks):
+        image = self.load(path, slice_index, domain)
+        return draw_prompt(image.display(), self.prompt_of(box_text, clicks), clicks["corner"]), image.description
 
-    def show(path, slice_index, domain, box_text, clicks):
+    def show(self, path, slice_index, domain, box_text, clicks):
         """Redraw the prompt image; a warning and an empty image when the upload cannot be used."""
         if path is None:
             return None, ""
         try:
-            return drawn(path, slice_index, domain, box_text, clicks)
+            return self.drawn(path, slice_index, domain, box_text, clicks)
         except DemoInputError as err:
             gr.Warning(str(err))
             return None, str(err)
 
-    def new_slice(path, slice_index, domain):
+    def new_slice(self, path, slice_index, domain):
         """Another slice (or upload): no prompts, no results, the image as the adapter sees it."""
-        drawn, message = show(path, slice_index, domain, "", NO_CLICKS)
+        drawn, message = self.show(path, slice_index, domain, "", NO_CLICKS)
         return "", NO_CLICKS, drawn, None, None, None, None, message
 
-    def new_upload(path, domain):
+    def new_upload(self, path, domain):
         """A new upload: a volume starts at its middle slice, and only volumes show the slice field."""
-        outputs = new_slice(path, None, domain)
+        outputs = self.new_slice(path, None, domain)
         try:
-            middle = load(path, None, domain).slice_index if path is not None else None
+            middle = self.load(path, None, domain).slice_index if path is not None else None
         except DemoInputError:
             middle = None
         return (gr.update(value=middle, visible=middle is not None), *outputs)
 
-    def redraw(path, slice_index, domain, box_text, clicks):
+    def redraw(self, path, slice_index, domain, box_text, clicks):
         """Redraw the prompt image only (warnings come from `show` and `run`)."""
         try:
-            return drawn(path, slice_index, domain, box_text, clicks)[0]
+            return self.drawn(path, slice_index, domain, box_text, clicks)[0]
         except DemoInputError:
             return None
 
-    def run(path, slice_index, domain, box_text, clicks):
+    def run(self, path, slice_index, domain, box_text, clicks):
         """The page's prediction: overlays, numbers, label-map file and a summary, or a warning."""
         try:
-            image = load(path, slice_index, domain)
-            prompt = prompt_of(box_text, clicks)
-            result = predictor.compare(image, prompt, domain=domain)
+            image = self.load(path, slice_index, domain)
+            prompt = self.prompt_of(box_text, clicks)
+            result = self.predictor.compare(image, prompt, domain=domain)
         except DemoInputError as err:
             gr.Warning(str(err))
             return None, None, None, None, str(err)
         numbers = result.numbers()
-        folder = Path(tempfile.mkdtemp(dir=downloads.name))
+        folder = Path(tempfile.mkdtemp(dir=self.downloads.name))
         labels = save_label_map(result.label_map(), folder / f"{Path(path).name.split('.')[0]}_{domain}_labels.png")
         summary = (f"{image.description}\nbase: {numbers['base_area']} px (predicted IoU "
                    f"{numbers['base_predicted_iou']:.3f}); fine-tuned ({domain}): {numbers['adapter_area']} px "
@@ -118,12 +140,13 @@ def build_app(predictor: DemoPredictor, *, nifti_axis: int = 2) -> gr.Blocks:
                    f"{numbers['iou_between']:.4f}")
         return (*overlays(image, result, prompt), numbers, str(labels), summary)
 
-    def run_if_complete(path, slice_index, domain, box_text, clicks):
+    def run_if_complete(self, path, slice_index, domain, box_text, clicks):
         """After a click: predict once the prompt is complete (not while a box has only its first corner)."""
         if clicks["corner"] is not None or (not clicks["points"] and not (box_text or "").strip()):
             return (gr.skip(),) * 5
-        return run(path, slice_index, domain, box_text, clicks)
+        return self.run(path, slice_index, domain, box_text, clicks)
 
+    @staticmethod
     def click(mode, box_text, clicks, evt: gr.SelectData):
         """Add a corner or a point at the clicked pixel."""
         x, y = (float(v) for v in evt.index)
@@ -139,62 +162,69 @@ def build_app(predictor: DemoPredictor, *, nifti_axis: int = 2) -> gr.Blocks:
             clicks["labels"].append(POSITIVE if mode == POSITIVE_MODE else NEGATIVE)
         return box_text, clicks
 
-    def api_segment(image, box, domain, slice_index=None):
+    def api_segment(self, image, box, domain, slice_index=None):
         """The `segment` endpoint: an image file and a box -> base overlay, fine-tuned overlay, numbers."""
         try:
-            image = load(image, slice_index, domain)
+            image = self.load(image, slice_index, domain)
             prompt = Prompt(parse_box(box))
             if prompt.box is None:
                 raise DemoInputError("No box: give `box` as 'x1,y1,x2,y2' in the image's pixels.")
-            result = predictor.compare(image, prompt, domain=domain)
+            result = self.predictor.compare(image, prompt, domain=domain)
         except DemoInputError as err:
             raise gr.Error(str(err)) from None
         return (*overlays(image, result, prompt), result.numbers())
 
-    with gr.Blocks(title="sam2-peft: base vs fine-tuned", analytics_enabled=False) as app:
-        app.downloads = downloads  # lives as long as the app: the label maps the page offers are in it
-        gr.Markdown(f"## Base model vs fine-tuned adapter\n{_INSTRUCTIONS}")
-        clicks = gr.State(NO_CLICKS)
-        with gr.Row():
-            with gr.Column():
-                upload = gr.File(label="Image", file_types=FILE_TYPES, elem_id="upload")
-                with gr.Row():
-                    slice_index = gr.Number(label="NIfTI slice (starts at the middle)", precision=0,
-                                            visible=False, elem_id="slice")
-                    domain = gr.Dropdown(predictor.names, value=predictor.names[0], label="Domain adapter",
-                                         elem_id="domain")
-                mode = gr.Radio([BOX_MODE, POSITIVE_MODE, NEGATIVE_MODE], value=BOX_MODE, label="A click adds",
-                                elem_id="mode")
-                with gr.Row():
-                    box_text = gr.Textbox(label="Box x1,y1,x2,y2 (image pixels)", elem_id="box", scale=3)
-                    segment = gr.Button("Segment", variant="primary", elem_id="segment")
-                    clear = gr.Button("Clear prompts", elem_id="clear")
-                prompt_image = gr.Image(label="Click here (as the model sees it)", interactive=False, format="png",
-                                        elem_id="prompt-image", buttons=[])
-                info = gr.Textbox(label="Messages", interactive=False, lines=3, elem_id="info")
-            with gr.Column():
-                with gr.Row():
-                    base_out = gr.Image(label="Base model", format="png", interactive=False, elem_id="base-overlay")
-                    adapter_out = gr.Image(label="Fine-tuned", format="png", interactive=False,
-                                           elem_id="adapter-overlay")
-                numbers = gr.JSON(label="Areas (pixels) and IoUs", elem_id="numbers")
-                label_map = gr.File(label="Fine-tuned label map (16-bit PNG)", interactive=False, elem_id="label-map")
-        api_trigger = gr.Button(visible=False)
 
-        page = dict(api_visibility="private", concurrency_id="model")
-        view = [upload, slice_index, domain, box_text, clicks]
-        results = [base_out, adapter_out, numbers, label_map, info]
-        upload.change(new_upload, [upload, domain], [slice_index, box_text, clicks, prompt_image, *results], **page)
-        # `input`, not `change`: setting the middle slice after an upload must not count as the user's choice.
-        slice_index.input(new_slice, [upload, slice_index, domain], [box_text, clicks, prompt_image, *results],
-                          trigger_mode="always_last", **page)
-        domain.change(show, view, [prompt_image, info], **page).then(run_if_complete, view, results, **page)
-        # "multiple": a second corner clicked while the first is being drawn is queued, not dropped ("once").
-        prompt_image.select(click, [mode, box_text, clicks], [box_text, clicks], trigger_mode="multiple", **page).then(
-            redraw, view, prompt_image, **page).then(run_if_complete, view, results, **page)
-        gr.on([segment.click, box_text.submit], run, view, results, **page).then(redraw, view, prompt_image, **page)
-        clear.click(lambda: ("", NO_CLICKS), None, [box_text, clicks], **page).then(
-            show, view, [prompt_image, info], **page)
-        api_trigger.click(api_segment, [upload, box_text, domain, slice_index], [base_out, adapter_out, numbers],
-                          api_name="segment", concurrency_id="model")
-    return app
+def _layout(domains: list[str]) -> SimpleNamespace:
+    """Place the page's components (inside a `gr.Blocks`); returns them by name."""
+    page = SimpleNamespace(clicks=gr.State(NO_CLICKS))
+    with gr.Row():
+        with gr.Column():
+            page.upload = gr.File(label="Image", file_types=FILE_TYPES, elem_id="upload")
+            with gr.Row():
+                page.slice_index = gr.Number(label="NIfTI slice (starts at the middle)", precision=0,
+                                             visible=False, elem_id="slice")
+                page.domain = gr.Dropdown(domains, value=domains[0], label="Domain adapter", elem_id="domain")
+            page.mode = gr.Radio([BOX_MODE, POSITIVE_MODE, NEGATIVE_MODE], value=BOX_MODE, label="A click adds",
+                                 elem_id="mode")
+            with gr.Row():
+                page.box_text = gr.Textbox(label="Box x1,y1,x2,y2 (image pixels)", elem_id="box", scale=3)
+                page.segment = gr.Button("Segment", variant="primary", elem_id="segment")
+                page.clear = gr.Button("Clear prompts", elem_id="clear")
+            page.prompt_image = gr.Image(label="Click here (as the model sees it)", interactive=False, format="png",
+                                         elem_id="prompt-image", buttons=[])
+            page.info = gr.Textbox(label="Messages", interactive=False, lines=3, elem_id="info")
+        with gr.Column():
+            with gr.Row():
+                page.base_out = gr.Image(label="Base model", format="png", interactive=False, elem_id="base-overlay")
+                page.adapter_out = gr.Image(label="Fine-tuned", format="png", interactive=False,
+                                            elem_id="adapter-overlay")
+            page.numbers = gr.JSON(label="Areas (pixels) and IoUs", elem_id="numbers")
+            page.label_map = gr.File(label="Fine-tuned label map (16-bit PNG)", interactive=False, elem_id="label-map")
+    page.api_trigger = gr.Button(visible=False)
+    return page
+
+
+def _wire(page: SimpleNamespace, on: Handlers) -> None:
+    """Connect the components' events to the handlers, and the `segment` API endpoint."""
+    private = dict(api_visibility="private", concurrency_id="model")
+    view = [page.upload, page.slice_index, page.domain, page.box_text, page.clicks]
+    results = [page.base_out, page.adapter_out, page.numbers, page.label_map, page.info]
+    page.upload.change(on.new_upload, [page.upload, page.domain],
+                       [page.slice_index, page.box_text, page.clicks, page.prompt_image, *results], **private)
+    # `input`, not `change`: setting the middle slice after an upload must not count as the user's choice.
+    page.slice_index.input(on.new_slice, [page.upload, page.slice_index, page.domain],
+                           [page.box_text, page.clicks, page.prompt_image, *results], trigger_mode="always_last",
+                           **private)
+    page.domain.change(on.show, view, [page.prompt_image, page.info], **private).then(
+        on.run_if_complete, view, results, **private)
+    # "multiple": a second corner clicked while the first is being drawn is queued, not dropped ("once").
+    page.prompt_image.select(on.click, [page.mode, page.box_text, page.clicks], [page.box_text, page.clicks],
+                             trigger_mode="multiple", **private).then(
+        on.redraw, view, page.prompt_image, **private).then(on.run_if_complete, view, results, **private)
+    gr.on([page.segment.click, page.box_text.submit], on.run, view, results, **private).then(
+        on.redraw, view, page.prompt_image, **private)
+    page.clear.click(lambda: ("", NO_CLICKS), None, [page.box_text, page.clicks], **private).then(
+        on.show, view, [page.prompt_image, page.info], **private)
+    page.api_trigger.click(on.api_segment, [page.upload, page.box_text, page.domain, page.slice_index],
+                           [page.base_out, page.adapter_out, page.numbers], api_name="segment", concurrency_id="model")

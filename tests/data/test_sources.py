@@ -271,7 +271,6 @@ def test_conversions_are_cached_until_the_source_file_changes(tmp_path, monkeypa
     import PIL.Image
 
     from sam2_peft.data import annotations
-    from sam2_peft.data.conversion import skipped_counts
 
     (tmp_path / "images").mkdir()
     PIL.Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "images" / "c.png")
@@ -282,7 +281,7 @@ def test_conversions_are_cached_until_the_source_file_changes(tmp_path, monkeypa
     }
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(coco))
-    first = annotations.load_coco(path)
+    first, first_skipped = annotations.load_coco(path)
     assert first.cache_files, "the conversion should live in an Arrow file, not in memory"
     lost = {"COCO annotations of images not in 'images'": 1}
 
@@ -292,29 +291,31 @@ def test_conversions_are_cached_until_the_source_file_changes(tmp_path, monkeypa
     must_not_run.__name__ = annotations._coco_rows.__name__
     real = annotations._coco_rows
     monkeypatch.setattr(annotations, "_coco_rows", must_not_run)
-    again = annotations.load_coco(path)
+    again, again_skipped = annotations.load_coco(path)
     assert again.cache_files == first.cache_files and again["image_id"] == ["c"]
-    assert skipped_counts(again) == skipped_counts(first) == lost
+    assert again_skipped == first_skipped == lost  # a cache hit reports what the first conversion skipped
+    assert load_source(path, val_fraction=0).skipped == {"train": lost}
 
     coco["annotations"].append({"id": 3, "image_id": 1, "segmentation": [[6, 6, 9, 6, 9, 9, 6, 9]]})
     path.write_text(json.dumps(coco))
     with pytest.raises(AssertionError, match="converted again"):  # a changed file is converted again...
         annotations.load_coco(path)
     monkeypatch.setattr(annotations, "_coco_rows", real)
-    changed = annotations.load_coco(path)  # ...into a new cache entry, with the new annotation
+    changed = annotations.load_coco(path).rows  # ...into a new cache entry, with the new annotation
     assert changed.cache_files != first.cache_files
     _, labels = decode_row(changed[0], where="coco")
     assert sorted(np.unique(labels)) == [0, 1, 2]
     coco["annotations"] = [{**ann, "category_id": 4} for ann in coco["annotations"]]
     path.write_text(json.dumps(coco))
-    instance = annotations.load_coco(path)
-    assert annotations.load_coco(path, mask_type="semantic").cache_files != instance.cache_files  # options count
+    instance = annotations.load_coco(path).rows
+    assert annotations.load_coco(path, mask_type="semantic").rows.cache_files != instance.cache_files  # options count
 
     # Image paths are stored absolute, and checked on every load: a cached conversion does not hide a lost image.
     monkeypatch.chdir(tmp_path)
-    relative = annotations.load_coco("instances.json", image_dir="images")
+    relative = annotations.load_coco("instances.json", image_dir="images").rows
     monkeypatch.chdir(tmp_path.parent)
-    assert annotations.load_coco(tmp_path / "instances.json", image_dir=tmp_path / "images")["image"] == relative["image"]
+    absolute = annotations.load_coco(tmp_path / "instances.json", image_dir=tmp_path / "images").rows
+    assert absolute["image"] == relative["image"]
     (tmp_path / "images" / "c.png").unlink()
     with pytest.raises(DataError, match="1 image.s. not found, e.g. .*c.png; pass `coco_image_dir=`"):
         annotations.load_coco(path)
@@ -338,5 +339,60 @@ def test_converted_skip_counts_are_reported_once_when_val_is_held_out(tmp_path):
     }
     (tmp_path / "instances.json").write_text(json.dumps(coco))
     report = inspect_dataset(tmp_path / "instances.json", val_fraction=0.5)
-    assert report.splits["train"].skipped == {"COCO annotations of images not in 'images'": 1}
+    lost = {"COCO annotations of images not in 'images'": 1}
+    assert report.splits["train"].skipped == lost
     assert report.splits["val"].num_rows == 2 and not report.splits["val"].skipped
+    splits = load_source(tmp_path / "instances.json", val_fraction=0.5)
+    assert splits.skipped == {"train": lost, "val": {}}
+    assert inspect_dataset(splits).splits["train"].skipped == lost  # the counts travel with the splits
+
+
+def test_nifti_counts_cover_every_volume_and_an_unlabelled_volume_is_skipped_not_fatal(tmp_path):
+    import nibabel
+
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    first_labelled = {"a": 2, "b": 3, "c": 5}  # c: no labelled slice at all
+    for name, first in first_labelled.items():
+        labels = np.zeros((8, 8, 5), np.uint8)
+        labels[2:5, 2:5, first:] = 1
+        nibabel.save(nibabel.Nifti1Image(np.ones((8, 8, 5), np.int16), np.eye(4)), tmp_path / "images" / f"{name}.nii.gz")
+        nibabel.save(nibabel.Nifti1Image(labels, np.eye(4)), tmp_path / "masks" / f"{name}.nii.gz")
+    splits = load_source(tmp_path, val_fraction=0)
+    assert list(splits["train"]["image_id"]) == ["a/2:2", "a/2:3", "a/2:4", "b/2:3", "b/2:4"]
+    assert splits.skipped == {"train": {"empty slices (NIfTI)": 2 + 3 + 5}}
+    assert inspect_dataset(tmp_path, val_fraction=0).splits["train"].skipped == {"empty slices (NIfTI)": 10}
+
+
+def test_cached_conversion_without_its_counts_file_is_converted_again(tmp_path, monkeypatch):
+    import PIL.Image
+
+    from sam2_peft.data import annotations
+
+    (tmp_path / "images").mkdir()
+    PIL.Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "images" / "d.png")
+    box = [[1, 1, 4, 1, 4, 4, 1, 4]]
+    coco = {
+        "images": [{"id": 1, "file_name": "d.png", "height": 10, "width": 10}],
+        "annotations": [{"id": 1, "image_id": 1, "segmentation": box}, {"id": 2, "image_id": 9, "segmentation": box}],
+    }
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(coco))
+    lost = {"COCO annotations of images not in 'images'": 1}
+    assert annotations.load_coco(path).skipped == lost
+    counts_files = list((datasets.config.HF_DATASETS_CACHE / "sam2_peft_conversions").glob("*.json"))
+    assert any(json.loads(f.read_text()).get(next(iter(lost))) == 1 for f in counts_files), "counts beside the cache"
+    for counts_file in counts_files:
+        counts_file.unlink()
+    runs = []
+    real = annotations._coco_rows
+
+    def counting(**kwargs):
+        runs.append(1)
+        yield from real(**kwargs)
+
+    counting.__name__ = real.__name__
+    monkeypatch.setattr(annotations, "_coco_rows", counting)
+    again = annotations.load_coco(path)
+    assert runs and again.skipped == lost and again.rows["image_id"] == ["d"]
+

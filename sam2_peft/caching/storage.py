@@ -1,23 +1,18 @@
-"""Frozen-encoder and frozen-prefix feature caches: a frozen part of the image encoder runs once per image view.
+"""Feature-cache storage: what a frozen part of the image encoder computed, kept per image view.
 
-    plan = plan_cache(model, changes_pixels=train_set.changes_pixels, num_views=cfg.cache_views)
-    logger.info(plan.message)                                   # says plainly what is cached, or why nothing is
-    cache = plan.build(base_fingerprint, preprocessing_key(train_set), directory=cfg.cache_dir)
-    for epoch in ...:
-        train_set.augment_views = plan.num_views                # augmented views repeat every `num_views` epochs
-        for batch in loader:
-            batch["image_features"] = cache.features(segmenter, batch, view=plan.view(epoch))
+    cache = FeatureCache(model_fingerprint(model), preprocessing_key(train_set), directory="cache/")
+    batch["image_features"] = cache.features(segmenter, batch, view=0)     # encodes only the images not cached yet
 
-Decoder strategy (no trainable parameter in `vision_encoder`): `FeatureCache` stores the three FPN maps that
-`Sam2Segmenter.encode_images` returns, before the decoder's own `conv_s0` / `conv_s1`. Partial strategy (or an
-adapter on the last blocks only): `PrefixCache` stores the hidden state entering the first trainable encoder block
-(Hiera block, SAM3 ViT layer, EdgeTAM RepViT block: `family.image_trunk`) plus the earlier stage outputs the neck
-reads, and runs the trainable blocks and the neck on every step.
+`FeatureCache` stores the three FPN maps that `Sam2Segmenter.encode_images` returns, before the decoder's own
+`conv_s0` / `conv_s1`. `PrefixCache` stores the hidden state entering the first trainable encoder block (Hiera
+block, SAM3 ViT layer, EdgeTAM RepViT block: `family.image_trunk`) plus the earlier stage outputs the neck reads,
+and runs the trainable blocks and the neck on every step. Which one applies is `caching.policy`'s decision.
 
 An entry's key hashes the image id, the view, the preprocessing description, the autocast state and the frozen
 encoder's fingerprint (`sam2_peft.models.model_fingerprint` of the model before training), so changing any of them
 misses. Each entry also keeps a checksum of its input pixels, checked on every hit: an image replaced under the
-same id (e.g. a dataset whose default ids are row numbers) is re-encoded instead of served stale.
+same id (e.g. a dataset whose default ids are row numbers) is re-encoded instead of served stale. Entries live in
+memory, or as safetensors files (with the dtype they were computed in) under `directory=`.
 
 Size per image and view at S px with the default FPN width 256, float32: 256 * (S/4)^2 * 1.3125 * 4 bytes, i.e.
 84 MB at 1024 px (use `dtype=torch.bfloat16` to halve it, or `directory=` to keep entries on disk).
@@ -36,38 +31,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sam2_peft.family import encode_from_prefix, encode_prefix, image_trunk
+from sam2_peft.family import encode_from_prefix, encode_prefix
 from sam2_peft.hub.files import atomic_file
-from sam2_peft.segmenter import base_sam2
 
 logger = logging.getLogger(__name__)
 
-# Augmented views kept per image when augmentation changes pixels: the encoder runs this many times per image over
-# the whole run, and the decoder still sees this many different draws of each image.
-DEFAULT_CACHE_VIEWS = 4
 # Pixel checksums sum float32 row sums: the same pixels give the same sums on one device, and within these
 # tolerances on another (float32 rounding), while a replaced image or another augmentation draw moves them by
 # orders of magnitude more. An edit of a few pixels may go unseen: the checksum guards against stale entries, it
 # is not a content hash.
 _CHECKSUM_RTOL, _CHECKSUM_ATOL = 1e-5, 1e-2
-
-
-def trainable_encoder_parameters(model: nn.Module) -> list[str]:
-    """Names (under `vision_encoder.`) of the image encoder's trainable parameters, adapters included."""
-    encoder = base_sam2(model).vision_encoder
-    return [name for name, param in encoder.named_parameters() if param.requires_grad]
-
-
-def first_trainable_block(model: nn.Module) -> int | None:
-    """Index of the first encoder block that trains, `len(blocks)` if only the neck trains, None if nothing does.
-
-    0 also when the patch or positional embeddings train: then no prefix of the encoder is frozen.
-    """
-    if not trainable_encoder_parameters(model):
-        return None
-    trunk = image_trunk(base_sam2(model).vision_encoder)
-    start = trunk.first_trainable()
-    return len(trunk.blocks) if start is None else start
 
 
 def preprocessing_key(dataset) -> str:
@@ -287,98 +260,3 @@ def _autocast_tag(device_type: str) -> str:
     if not torch.is_autocast_enabled(device_type):
         return "fp32"
     return str(torch.get_autocast_dtype(device_type)).removeprefix("torch.")
-
-
-@dataclass(frozen=True)
-class CachePlan:
-    """What `plan_cache` decided: which cache applies, how many views, and the log line that says so.
-
-    Attributes:
-        kind: "features" (frozen encoder), "prefix" (frozen leading blocks) or None (no cache).
-        start_block: for "prefix", the first trainable encoder block.
-        num_views: augmented views cached per image; 1 when the training pixels never change.
-        message: one plain-language sentence for the log.
-    """
-
-    kind: str | None
-    start_block: int | None
-    num_views: int
-    message: str
-
-    def view(self, epoch: int) -> int:
-        """The view index of `epoch`'s images, for `FeatureCache.features(..., view=)`."""
-        return epoch % self.num_views if self.kind and self.num_views > 1 else 0
-
-    def build(self, encoder_fingerprint: str, preprocessing_key: str, directory=None, **options):
-        """The `FeatureCache` or `PrefixCache` this plan calls for, or None; options as `FeatureCache`."""
-        if self.kind == "features":
-            return FeatureCache(encoder_fingerprint, preprocessing_key, directory, **options)
-        if self.kind == "prefix":
-            return PrefixCache(encoder_fingerprint, preprocessing_key, self.start_block, directory, **options)
-        return None
-
-
-def plan_cache(
-    model: nn.Module,
-    *,
-    changes_pixels: bool,
-    enabled: bool = True,
-    num_views: int = DEFAULT_CACHE_VIEWS,
-    num_images: int | None = None,
-) -> CachePlan:
-    """Decide whether and what to cache for `model`'s trainable parameters and the training data.
-
-    Args:
-        model: the model after `apply_strategy`.
-        changes_pixels: `train_set.changes_pixels` (augmentation that changes the image).
-        enabled: the user's switch (`--cache_features`).
-        num_views: augmented views to cache per image when `changes_pixels` (`--cache_views`).
-        num_images: training images, to state the memory the cache will take.
-
-    Example:
-        >>> plan = plan_cache(apply_strategy(load_sam2("tiny-random"), "decoder"), changes_pixels=False)
-        >>> plan.kind, plan.num_views
-        ('features', 1)
-    """
-    if num_views < 1:
-        raise ValueError(f"--cache_views {num_views}: must be at least 1 (1 = one fixed augmented draw per image).")
-    if not enabled:
-        message = "Feature cache: off (--cache_features false); the image encoder runs on every step."
-        return CachePlan(None, None, 1, message)
-    start = first_trainable_block(model)
-    trunk = image_trunk(base_sam2(model).vision_encoder)
-    blocks = len(trunk.blocks)
-    if start == 0:
-        first = trainable_encoder_parameters(model)[0]
-        return CachePlan(None, None, 1, f"Feature cache: off: vision_encoder.{first} trains, so no part of the "
-                                        "image encoder is frozen; it runs on every step.")
-    kind = "features" if start is None else "prefix"
-    what = (
-        "the image encoder is frozen, so its features are computed once per image"
-        if kind == "features"
-        else f"{trunk.name} blocks 0-{start - 1} are frozen, so their activations are computed once per image and "
-        f"blocks {start}-{blocks - 1} and the neck run on every step"
-    )
-    views = num_views if changes_pixels else 1
-    size = "" if num_images is None else f" (about {_cache_gigabytes(model, kind, start) * num_images * views:.1f} GB)"
-    if changes_pixels:
-        how = (f"Augmentation changes the pixels, so the cache keeps {views} augmented view(s) per image{size}: the "
-               f"augmentation draws repeat every {views} epoch(s) (--cache_views), and the encoder runs only in "
-               f"the first {views}. Pass --cache_features false for a fresh draw every epoch.")
-    else:
-        how = f"The training images do not change between epochs; the cache holds one entry per image{size}."
-    return CachePlan(kind, start, views, f"Feature cache: on ({kind}): {what}. {how}")
-
-
-def _cache_gigabytes(model: nn.Module, kind: str, start: int | None) -> float:
-    """Bytes of one cache entry in float32, from the configuration alone, in GB."""
-    sam = base_sam2(model)
-    if kind == "features":
-        sizes = sam.config.vision_config.backbone_feature_sizes[:3]
-        elements = sam.config.vision_config.fpn_hidden_size * sum(height * width for height, width in sizes)
-    else:
-        trunk = image_trunk(sam.vision_encoder)
-        side = sam.config.prompt_encoder_config.image_size
-        stored = [end for end in sorted(trunk.stage_ends) if end < start - 1] + [start - 1]
-        elements = sum(channels * (side // stride) ** 2 for channels, stride in map(trunk.block_output, stored))
-    return elements * 4 / 1e9
