@@ -3,6 +3,7 @@
     sam2-peft train --data D --intensity percentile --ct_window abdomen ...
     sam2-peft eval  --model M --adapter A --data D            # intensity etc. from the adapter when not given
     sam2-peft predict --model M --adapter A --image scan.tif --box 10,10,90,90 --ct_window 40,400
+    sam2-peft train --task video --data examples/data_video --clip_length 8 ...
 
 `train`, `eval`, `predict`, `compare` (and the Python API) take the same `DataConfig` fields, parsed the same way
 (`HfArgumentParser`, a YAML `--config` and `--<field>` flags, unknown keys refused). The preprocessing fields
@@ -20,6 +21,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
+from sam2_peft.data.clip_sources import ClipRecord, load_clips
 from sam2_peft.data.intensity import IntensityConfig
 from sam2_peft.data.sources import load_source
 from sam2_peft.errors import ConfigError, MissingFileError
@@ -36,6 +38,7 @@ PREPROCESSING_DEFAULTS = {
 }
 # Fields that together say how raw intensities become [0, 1]: setting one replaces the adapter's whole setting.
 INTENSITY_FIELDS = ("intensity", "intensity_percentiles", "ct_window")
+TASKS = ("image", "video")
 
 
 def _help(text: str, **kwargs):
@@ -61,6 +64,8 @@ class DataConfig:
     keep_empty_images: bool = _help("Keep images without objects as negatives for the object-score head.", default=False)
     min_object_area: int = _help("Objects with fewer pixels are dropped (and counted).", default=16)
     num_workers: int = _help("DataLoader worker processes.", default=0)
+    task: str = _help("image: 2-D images (NIfTI volumes as slices); video: clips, from videos/<clip>/ frame folders with masks/<clip>/, or NIfTI volumes as clips of slices along `nifti_axis`.", default="image")
+    clip_length: int = _help("task video: consecutive frames per training clip (shorter clips use all their frames); evaluation reads whole clips.", default=8)
 
     def __post_init__(self):
         if self.mask_type not in (None, "instance", "semantic"):
@@ -71,6 +76,10 @@ class DataConfig:
             raise ConfigError(f"`--num_classes` must be at least 1, got {self.num_classes}.")
         if self.num_workers < 0:
             raise ConfigError(f"`--num_workers` must be >= 0, got {self.num_workers}.")
+        if self.task not in TASKS:
+            raise ConfigError(f"`--task {self.task}` is unknown; use {' or '.join(TASKS)}.")
+        if self.clip_length < 1:
+            raise ConfigError(f"`--clip_length` must be at least 1 frame, got {self.clip_length}.")
         self.intensity_config()  # validates intensity, intensity_percentiles and ct_window together
 
     def resolved(self) -> DataConfig:
@@ -108,6 +117,11 @@ class DataConfig:
             mask_type=self.mask_type or PREPROCESSING_DEFAULTS["mask_type"],
             nifti_axis=self.nifti_axis,
         )
+
+    def load_clip_splits(self, *, seed: int = 0) -> dict[str, list[ClipRecord]]:
+        """Load `data` as splits of clips (`sam2_peft.data.clip_sources.load_clips`): frame folders or NIfTI
+        volumes cut along `nifti_axis`, `val_fraction` of train held out (seeded) when there is no val/ folder."""
+        return load_clips(self.data, nifti_axis=self.nifti_axis, val_fraction=self.val_fraction, seed=seed)
 
 
 def _percentiles(text: str) -> tuple[float, float]:
