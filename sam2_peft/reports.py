@@ -2,6 +2,7 @@
 
     from sam2_peft.reports import OverlaySample, plot_overlays, select_examples
     plot_overlays(samples, "runs/eval/overlays.png")          # `sam2-peft eval --output_dir` writes this for you
+    save_overlay_strip(frames, {"base": labels_a, "fine-tuned": labels_b}, "runs/eval/clip.png")   # a video clip
     print(format_eval_table(json.load(open("runs/eval/metrics.json"))))   # what `sam2-peft eval` prints
     print(comparison_markdown(rows))                         # `sam2-peft compare` writes comparison.md/.json/.png
 
@@ -125,7 +126,7 @@ def plot_history(history: list[dict], path: Path) -> None:
     left.set_xlabel("step")
     left.set_yscale("log")
     left.legend()
-    for name in ("dice", "iou"):
+    for name in [name for name in ("dice", "iou", "j_and_f") if evals and name in evals[0]]:
         right.plot([row["step"] for row in evals], [row[name] for row in evals], marker="o", label=f"val {name}")
     right.set_xlabel("step")
     right.set_ylim(0, 1)
@@ -133,6 +134,97 @@ def plot_history(history: list[dict], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+# Video strips: one colour per object (object i = label value i takes OBJECT_COLORS[(i - 1) % 9]: matplotlib's tab10
+# without its grey, which vanishes on grey frames); STRIP_GAP white pixels between frames, a title band above each row.
+OBJECT_COLORS = (
+    (0.122, 0.467, 0.706), (1.0, 0.498, 0.055), (0.173, 0.627, 0.173), (0.839, 0.153, 0.157), (0.58, 0.404, 0.741),
+    (0.549, 0.337, 0.294), (0.89, 0.467, 0.761), (0.737, 0.741, 0.133), (0.09, 0.745, 0.812),
+)  # fmt: skip
+STRIP_GAP, STRIP_TITLE_PIXELS = 4, 18
+
+
+def save_overlay_strip(
+    frames, label_maps, path: str | Path, *, max_frames: int = 8, titles=None, cell_pixels: int = CELL_PIXELS
+) -> Path:
+    """Draw up to `max_frames` evenly spaced frames of a clip side by side, each object in its own colour.
+
+    Objects are filled with `OVERLAY_ALPHA` of their colour and outlined in it; the same object has the same colour
+    in every frame and row.
+
+    Args:
+        frames: T frames, (H, W, 3) float in [0, 1] or uint8 (grey (H, W) too), all of one size.
+        label_maps: T (H, W) int label maps (0 background, object i = value i) for one row, or a dict
+            `{row name: T label maps}` for one row each, top to bottom (e.g. `{"base": ..., "fine-tuned": ...}` or
+            `{"prediction": ..., "reference": ...}`); row names prefix the frame titles.
+        path: the PNG to write.
+        max_frames: the most frames drawn; the first and the last are always among them.
+        titles: T frame titles (default `frame <t>`).
+        cell_pixels: the height each frame is drawn at; its width keeps the aspect ratio.
+
+    Returns:
+        `path`, a PNG of `K * w + (K - 1) * STRIP_GAP` x `R * (STRIP_TITLE_PIXELS + cell_pixels)` pixels for
+        K = min(max_frames, T) frames of width w = round(W * cell_pixels / H) and R rows.
+
+    Example:
+        >>> save_overlay_strip(frames, {"base": base_labels, "fine-tuned": tuned_labels}, "runs/eval/clip.png")
+    """
+    rows = dict(label_maps) if isinstance(label_maps, dict) else {"": list(label_maps)}
+    titles = [f"frame {t}" for t in range(len(frames))] if titles is None else list(titles)
+    bad = {name: len(maps) for name, maps in rows.items() if len(maps) != len(frames)}
+    if len(frames) == 0 or bad or len(titles) != len(frames) or max_frames < 1:
+        raise ValueError(
+            f"save_overlay_strip needs frames (got {len(frames)}), as many label maps per row (rows {bad} differ) "
+            f"and titles (got {len(titles)}), and max_frames >= 1 (got {max_frames})."
+        )
+    count = min(max_frames, len(frames))
+    picks = np.linspace(0, len(frames) - 1, count).round().astype(int)  # distinct: the step is >= 1
+    height, width = np.asarray(frames[0]).shape[:2]
+    size = (max(1, round(width * cell_pixels / height)), cell_pixels)  # (w, h), as PIL has it
+    band = STRIP_TITLE_PIXELS + cell_pixels
+    canvas = np.ones((len(rows) * band, count * (size[0] + STRIP_GAP) - STRIP_GAP, 3))
+    for row, maps in enumerate(rows.values()):
+        for column, t in enumerate(picks):
+            x0, y0 = column * (size[0] + STRIP_GAP), row * band + STRIP_TITLE_PIXELS
+            canvas[y0 : y0 + size[1], x0 : x0 + size[0]] = _strip_cell(frames[t], maps[t], size)
+    plt = _pyplot()
+    figure = plt.figure(figsize=(canvas.shape[1] / DPI, canvas.shape[0] / DPI), dpi=DPI)
+    figure.figimage(canvas, 0, 0)  # pixel for pixel: no axes, no resampling
+    for row, name in enumerate(rows):
+        for column, t in enumerate(picks):
+            x = (column * (size[0] + STRIP_GAP) + size[0] / 2) / canvas.shape[1]
+            y = 1 - (row * band + STRIP_TITLE_PIXELS / 2) / canvas.shape[0]
+            figure.text(x, y, f"{name}: {titles[t]}" if name else titles[t], ha="center", va="center", fontsize=7)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=DPI)
+    plt.close(figure)
+    return path
+
+
+def _strip_cell(frame, labels, size: tuple[int, int]) -> np.ndarray:
+    """One frame resized to `size` = (w, h) with its objects blended in: (h, w, 3) float in [0, 1]."""
+    import PIL.Image
+
+    image = np.asarray(frame)
+    labels = np.asarray(labels)
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"A label map of shape {labels.shape} does not fit its frame of shape {image.shape}.")
+    image = image.astype(np.float64) / 255 if image.dtype == np.uint8 else np.clip(image.astype(np.float64), 0, 1)
+    image = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
+    resized = PIL.Image.fromarray((image * 255).round().astype(np.uint8)).resize(size, PIL.Image.BILINEAR)
+    image = np.asarray(resized, dtype=np.float64) / 255
+    labels = np.asarray(PIL.Image.fromarray(labels.astype(np.int32)).resize(size, PIL.Image.NEAREST))  # (h, w)
+    colors = np.asarray(OBJECT_COLORS)[(labels - 1) % len(OBJECT_COLORS)]  # (h, w, 3)
+    inside = (labels > 0)[..., None]
+    edge = np.zeros(labels.shape, bool)  # pixels with a 4-neighbour of another label
+    edge[1:] |= labels[1:] != labels[:-1]
+    edge[:-1] |= labels[:-1] != labels[1:]
+    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    blended = np.where(inside, (1 - OVERLAY_ALPHA) * image + OVERLAY_ALPHA * colors, image)
+    return np.where(inside & edge[..., None], colors, blended)
 
 
 def _pyplot():

@@ -4,6 +4,10 @@
     metric = sam2_peft.metrics.load()
     metric.compute(predictions=[pred_mask], references=[true_mask])    # {"dice", "iou", "precision", "recall", ...}
 
+    # video clips (T frames, N objects): DAVIS J, F, J&F and volume Dice
+    clip = sam2_peft.metrics.score_clip(pred, target, clip_id="bike")        # (T, N, H, W) bool each
+    sam2_peft.metrics.aggregate_clips([clip])                               # {"j", "f", "j_and_f", "dice", ...}
+
     # inside a training loop, on the GPU:
     sam2_peft.metrics.segmentation_scores(logits[:, 0] > 0, targets > 0.5)["dice"].mean()
 """
@@ -17,6 +21,14 @@ from sam2_peft.metrics.kernels import (
     scores_from_counts,
     segmentation_scores,
     surface_scores,
+)
+from sam2_peft.metrics.video import (
+    ClipScores,
+    aggregate_clips,
+    boundary_f_measure,
+    boundary_map,
+    masks_from_label_maps,
+    score_clip,
 )
 
 METRIC_SCRIPT = str(Path(__file__).with_name("segmentation.py"))
@@ -46,10 +58,16 @@ def load(**kwargs):
 
 __all__ = [
     "METRIC_SCRIPT",
+    "ClipScores",
+    "aggregate_clips",
+    "boundary_f_measure",
+    "boundary_map",
     "compute_metrics",
     "confusion_counts",
     "load",
     "mask_boundaries",
+    "masks_from_label_maps",
+    "score_clip",
     "scores_from_counts",
     "segmentation_scores",
     "surface_scores",
