@@ -7,7 +7,10 @@
     model = load_sam2("tiny-random-sam3-tracker")      # or "tiny-random-edgetam": tiny random members for tests
 
 A Hub id or folder loads as the class its `config.json` names (`architectures`, else `model_type`), through that
-class's own `from_pretrained`; `family.MODEL_CLASSES` lists the supported ones.
+class's own `from_pretrained`; `family.MODEL_CLASSES` lists the supported ones. A video checkpoint (the Hub's
+`facebook/sam2.1-hiera-*` are) loads as the image model unless `video=True` asks for `Sam2VideoModel`:
+
+    video = load_sam2("facebook/sam2.1-hiera-tiny", video=True)   # or a folder, an official .pt, "tiny-random-video"
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ from transformers import (
     Sam2Model,
     Sam2VideoConfig,
     Sam2VideoModel,
+    Sam2VideoProcessor,
+    Sam2VideoVideoProcessor,
     Sam3TrackerConfig,
     Sam3TrackerModel,
 )
 
 from sam2_peft.errors import UserError
-from sam2_peft.family import MODEL_CLASSES, allow_peft, supported_classes
+from sam2_peft.family import allow_peft, supported_classes
 from sam2_peft.interop.official_checkpoint import load_official_checkpoint
 
 HUB_MODELS = (
@@ -48,6 +53,8 @@ HUB_MODELS = (
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_SAM3_TRACKER = "tiny-random-sam3-tracker"
 TINY_RANDOM_EDGETAM = "tiny-random-edgetam"
+TINY_RANDOM_VIDEO = "tiny-random-video"
+VIDEO_HIDDEN = 128  # the video preset's neck and decoder width (see `tiny_random_video_config`)
 TINY_RANDOM_SEED = 0
 # `Sam2VideoModel` parameters that `Sam2Model` does not have: the memory path.
 VIDEO_ONLY_PREFIXES = (
@@ -55,8 +62,9 @@ VIDEO_ONLY_PREFIXES = (
     "temporal_positional_encoding_projection_layer.", "memory_temporal_positional_encoding",
     "no_memory_positional_encoding", "no_object_pointer", "occlusion_spatial_embedding_parameter",
 )
-# config.json `model_type` -> the class that loads it. The video and full SAM3 checkpoints hold the image model's
-# weights (SAM3's under `tracker_config`), which these classes' `from_pretrained` takes and the rest it ignores.
+# config.json `model_type` -> the class that loads it as an image model. The video and full SAM3 checkpoints hold the
+# image model's weights (SAM3's under `tracker_config`), which these classes' `from_pretrained` takes and the rest it
+# ignores.
 MODEL_TYPES = {
     "sam2": Sam2Model,
     "sam2_video": Sam2Model,
@@ -66,15 +74,19 @@ MODEL_TYPES = {
     "edgetam": EdgeTamModel,
     "edgetam_video": EdgeTamModel,
 }
+# config.json `model_type` -> the class that loads it with `video=True`.
+VIDEO_MODEL_TYPES = {"sam2_video": Sam2VideoModel}
 
 
-def tiny_random_config() -> Sam2Config:
+def tiny_random_config(hidden: int = 64) -> Sam2Config:
     """Build the ~1.5M-parameter, 256-px SAM2 configuration used by tests and offline dry runs.
 
     It keeps every structural feature of the real models: four Hiera stages with stage-change blocks (which have a
     block-level `proj`), windowed and global attention, a three-level FPN neck and the two-way mask decoder.
+
+    Args:
+        hidden: the neck's and decoder's width (64; the video preset's is 128).
     """
-    hidden = 64
     # 5x the real models' init std: with 0.02 this small network's mask logits are ~1e-4, too flat for tests to tell
     # a trained adapter from noise; with 0.1 they spread over about +-1.
     init_std = 0.1
@@ -103,25 +115,30 @@ def tiny_random_config() -> Sam2Config:
 
 
 def tiny_random_video_config() -> Sam2VideoConfig:
-    """Build the tiny random `Sam2VideoModel` configuration: `tiny_random_config`'s image path plus small memory
-    modules (memory attention 64 wide, 2 layers; memory features 32 channels), so clips of a few 256-px frames train
-    in seconds on a CPU."""
-    image = tiny_random_config().to_dict()
+    """Build the tiny random `Sam2VideoModel` configuration (`tiny-random-video`): `tiny_random_config` with a
+    128-wide neck and decoder, plus small memory modules (2 memory-attention layers, 64-channel memories), so clips of
+    a few 256-px frames train in seconds on a CPU.
+
+    The decoder is wider than `tiny-random`'s because transformers' memory attention reads 64-channel memories
+    whatever the config says, and its tracking needs the decoder wider than the memories (it splits each object
+    pointer into memory-wide tokens; at equal widths a box-prompted frame fails there), as in every real SAM2.
+    """
+    image = tiny_random_config(hidden=VIDEO_HIDDEN).to_dict()
     return Sam2VideoConfig(
         vision_config=image["vision_config"],
         prompt_encoder_config=image["prompt_encoder_config"],
         mask_decoder_config=image["mask_decoder_config"],
         initializer_range=image["initializer_range"],
         image_size=256,
-        memory_attention_hidden_size=64,
+        memory_attention_hidden_size=VIDEO_HIDDEN,
         memory_attention_num_layers=2,
         memory_attention_feed_forward_hidden_size=128,
         memory_attention_rope_feat_sizes=[16, 16],  # the S/16 map of a 256-px frame
-        memory_encoder_hidden_size=64,
-        memory_encoder_output_channels=32,
-        mask_downsampler_embed_dim=64,
-        memory_fuser_embed_dim=64,
-        memory_fuser_intermediate_dim=128,
+        memory_encoder_hidden_size=VIDEO_HIDDEN,
+        memory_encoder_output_channels=64,
+        mask_downsampler_embed_dim=VIDEO_HIDDEN,
+        memory_fuser_embed_dim=VIDEO_HIDDEN,
+        memory_fuser_intermediate_dim=2 * VIDEO_HIDDEN,
     )
 
 
@@ -204,6 +221,8 @@ TINY_PRESETS = {
     TINY_RANDOM: (Sam2Model, tiny_random_config),
     TINY_RANDOM_SAM3_TRACKER: (Sam3TrackerModel, tiny_random_sam3_tracker_config),
     TINY_RANDOM_EDGETAM: (EdgeTamModel, tiny_random_edgetam_config),
+    # The image part of the video preset: what image adapters for `tiny-random-video` train on.
+    TINY_RANDOM_VIDEO: (Sam2Model, lambda: tiny_random_config(hidden=VIDEO_HIDDEN)),
 }
 
 
@@ -238,7 +257,11 @@ def load_sam2(
             mode on CUDA. Off by default: it runs code fetched at run time, and offline it fails at the first
             `eval()`. transformers' `from_pretrained` turns it on by default; here it stays off unless asked.
         video: return the video model (`Sam2VideoModel`: the image model's parameters plus the memory modules).
-            For `tiny-random` its image weights equal `load_sam2("tiny-random")`'s.
+            `tiny-random` and `tiny-random-video` give the video preset, whose image weights are
+            `load_sam2("tiny-random-video")`'s (a 128-wide decoder; see `tiny_random_video_config`). A Hub id or
+            folder must hold a video checkpoint (`model_type` `sam2_video`, as the Hub's `facebook/sam2.1-hiera-*`);
+            an official `.pt` converts its memory modules and tracking settings too. SAM2 only: SAM3's tracker and
+            EdgeTAM load as image models.
 
     Returns:
         The model in eval mode; `model.config._name_or_path` records where it came from.
@@ -251,15 +274,17 @@ def load_sam2(
     name = str(name_or_path)
     if hub_kernels:
         check_hub_kernels_reachable()
-    if video and name != TINY_RANDOM:
-        raise ModelLoadError(f"video=True: {name!r} cannot load as a video model yet; use {TINY_RANDOM!r}.")
     if name in TINY_PRESETS:
+        if video and name not in (TINY_RANDOM, TINY_RANDOM_VIDEO):
+            raise ModelLoadError(
+                f"video=True: {name!r} has no video preset; use {TINY_RANDOM_VIDEO!r} (SAM2), or drop video=True."
+            )
         model = _tiny_random_video() if video else _tiny_preset(name)
         model.config._name_or_path = name
     elif name.endswith(".pt"):
-        model = load_official_checkpoint(name, sam2_config)
+        model = load_official_checkpoint(name, sam2_config, video=video)
     else:
-        model = _from_pretrained(name, revision, hub_kernels)
+        model = _from_pretrained(name, revision, hub_kernels, video)
     allow_peft(model)
     if hub_kernels and not model.use_kernels:
         model.set_use_kernels(True)
@@ -278,13 +303,13 @@ def _tiny_preset(name: str) -> nn.Module:
 
 
 def _tiny_random_video() -> Sam2VideoModel:
-    """`tiny-random` as a video model: the image preset's weights, memory modules drawn from the next seed."""
+    """The video preset: `load_sam2("tiny-random-video")`'s image weights, memory modules from the next seed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_RANDOM_SEED + 1)
         model = Sam2VideoModel(tiny_random_video_config())
-    missing, unexpected = model.load_state_dict(_tiny_preset(TINY_RANDOM).state_dict(), strict=False)
+    missing, unexpected = model.load_state_dict(_tiny_preset(TINY_RANDOM_VIDEO).state_dict(), strict=False)
     if unexpected or any(not key.startswith(VIDEO_ONLY_PREFIXES) for key in missing):
-        raise RuntimeError(f"tiny-random image weights do not fit the video preset: {unexpected or missing}")
+        raise RuntimeError(f"{TINY_RANDOM_VIDEO} image weights do not fit the video preset: {unexpected or missing}")
     return model
 
 
@@ -299,11 +324,16 @@ def check_hub_kernels_reachable() -> None:
         )
 
 
-def model_class_for(config) -> type[nn.Module]:
-    """The family class that loads a checkpoint with this configuration: the one its `architectures` names, else
-    the one for its `model_type` (`MODEL_TYPES`)."""
-    by_name = {cls.__name__: cls for cls in MODEL_CLASSES}
-    named = [by_name[arch] for arch in getattr(config, "architectures", None) or [] if arch in by_name]
+def model_class_for(config, video: bool = False) -> type[nn.Module]:
+    """The family class that loads a checkpoint with this configuration.
+
+    As an image model: the image class its `architectures` names, else the one for its `model_type` (`MODEL_TYPES`;
+    a video checkpoint gives its image model). With `video`: the class for its `model_type` in `VIDEO_MODEL_TYPES`.
+    """
+    if video:
+        return _video_class_for(config)
+    image_classes = {cls.__name__: cls for cls in MODEL_TYPES.values()}
+    named = [image_classes[arch] for arch in getattr(config, "architectures", None) or [] if arch in image_classes]
     if named:
         return named[0]
     if config.model_type in MODEL_TYPES:
@@ -314,12 +344,29 @@ def model_class_for(config) -> type[nn.Module]:
     )
 
 
-def _from_pretrained(name: str, revision: str | None, hub_kernels: bool = False) -> nn.Module:
+def _video_class_for(config) -> type[nn.Module]:
+    name, model_type = config._name_or_path, config.model_type
+    if model_type in VIDEO_MODEL_TYPES:
+        return VIDEO_MODEL_TYPES[model_type]
+    if model_type == "sam2":
+        raise ModelLoadError(
+            f"video=True: {name!r} is an image-only SAM2 checkpoint (config.json `model_type` 'sam2', as saved from "
+            "Sam2Model): it has no memory weights to track with. Load the video checkpoint it came from (a "
+            "`model_type` 'sam2_video' folder, e.g. facebook/sam2.1-hiera-tiny) or an official .pt "
+            "(load_sam2('sam2.1_hiera_tiny.pt', video=True)), or drop video=True."
+        )
+    raise ModelLoadError(
+        f"video=True: {name!r} is a {model_type!r} checkpoint; sam2-peft loads only SAM2 as a video model (config.json "
+        f"`model_type` one of {', '.join(VIDEO_MODEL_TYPES)}). Drop video=True to load its image model."
+    )
+
+
+def _from_pretrained(name: str, revision: str | None, hub_kernels: bool = False, video: bool = False) -> nn.Module:
     path = Path(name)
     if path.is_dir() and not (path / "config.json").is_file():
         raise ModelLoadError(f"{name!r} is a folder but has no config.json; save one with `model.save_pretrained(dir)`")
     try:
-        model_class = model_class_for(AutoConfig.from_pretrained(name, revision=revision))
+        model_class = model_class_for(AutoConfig.from_pretrained(name, revision=revision), video)
         # use_kernels=False: transformers would otherwise kernelize from the Hub on CUDA (see `load_sam2`).
         return model_class.from_pretrained(name, revision=revision, use_kernels=hub_kernels)
     except ModelLoadError:
@@ -345,6 +392,14 @@ def build_image_processor(model: nn.Module) -> Sam2ImageProcessor:
     mask_height, mask_width = model.prompt_encoder.mask_input_size
     return Sam2ImageProcessor(size={"height": size, "width": size},
                               mask_size={"height": mask_height, "width": mask_width})
+
+
+def build_video_processor(model: Sam2VideoModel) -> Sam2VideoProcessor:
+    """Build the `Sam2VideoProcessor` (frames and prompts for a `Sam2VideoInferenceSession`) that matches `model`'s
+    input size, as `build_image_processor` does for single images."""
+    size = model.config.prompt_encoder_config.image_size
+    return Sam2VideoProcessor(image_processor=build_image_processor(model),
+                              video_processor=Sam2VideoVideoProcessor(size={"height": size, "width": size}))
 
 
 # Config keys that record where or how a model was saved, not what it computes (no family model ties weights:

@@ -59,6 +59,17 @@ def test_hub_kernels_opt_in_switches_them_on(kernels_forbidden, tmp_path, monkey
         assert kernels_forbidden[-1] is True
 
 
+def test_video_loads_never_switch_kernels_on_unless_asked(kernels_forbidden, tmp_path, monkeypatch):
+    load_sam2("tiny-random-video", video=True).save_pretrained(tmp_path / "video")
+    video = load_sam2(tmp_path / "video", video=True)  # through Sam2VideoModel.from_pretrained
+    assert type(video).__name__ == "Sam2VideoModel" and not video.use_kernels
+    assert kernels_forbidden and not any(kernels_forbidden)
+    monkeypatch.setattr("huggingface_hub.is_offline_mode", lambda: False)
+    with pytest.raises(RuntimeError, match="switched on"):
+        load_sam2(tmp_path / "video", video=True, hub_kernels=True)
+    assert kernels_forbidden[-1] is True
+
+
 def test_hub_kernels_offline_is_refused_naming_the_flag(monkeypatch):
     monkeypatch.setattr("huggingface_hub.is_offline_mode", lambda: True)
     with pytest.raises(ModelLoadError, match=r"`--hub_kernels`.*HF_HUB_OFFLINE is set\. Drop `--hub_kernels`"):
