@@ -1,8 +1,14 @@
-"""The four fine-tuning strategies as one switch over a `Sam2Model` (or `Sam3TrackerModel`, `EdgeTamModel`).
+"""The fine-tuning strategies as one switch over a `Sam2Model` (or `Sam3TrackerModel`, `EdgeTamModel`,
+`Sam2VideoModel`).
 
     model = apply_strategy(load_sam2("tiny-random"), "decoder")       # or "partial" (num_blocks=N), "full",
     model = apply_strategy(model, "lora", r=8, targets="trunk.qkv")    # "dora", "loha", ..., or a peft.PeftConfig
+    video = apply_strategy(load_sam2("tiny-random", video=True), "memory")   # the memory path and the decoder
     print(trainable_summary(model))
+
+On a `Sam2VideoModel` `decoder` and `partial` train the same parameters as on the image model (the memory path stays
+frozen), so what they save loads onto either model; `full` trains the memory path too; `memory` trains the memory
+path and the mask decoder, and needs the video model.
 """
 
 from __future__ import annotations
@@ -18,9 +24,20 @@ from torch import nn
 
 from sam2_peft.family import Trunk, allow_peft
 from sam2_peft.fused_lora import InPlaceLoraLinear
-from sam2_peft.targets import PRESET_NAMES, model_trunk, resolve_targets, select_blocks, trapped_names
+from sam2_peft.models import VIDEO_ONLY_PREFIXES
+from sam2_peft.targets import (
+    PRESET_NAMES,
+    model_trunk,
+    require_video_model,
+    resolve_targets,
+    select_blocks,
+    split_targets,
+    trapped_names,
+)
 
 NON_PEFT_STRATEGIES = ("decoder", "partial", "full")
+# Non-PEFT strategies that need `Sam2VideoModel` (`load_sam2(name, video=True)`, `--task video`).
+VIDEO_STRATEGIES = ("memory",)
 # PEFT tuners that adapt nn.Linear and run on SAM2. OFT is refused (see `_wrap`).
 PEFT_STRATEGIES = ("lora", "dora", "loha", "lokr", "ia3", "vera", "boft", "fourierft", "hra")
 # Tuners whose PEFT layers exist for nn.Linear only, not for the convolutions of EdgeTAM's RepViT blocks.
@@ -35,17 +52,22 @@ def apply_strategy(model: nn.Module, strategy: str | PeftConfig, **options) -> n
     `PeftModel` (the base is frozen and the adapter layers are injected into `model`).
 
     Args:
-        model: a `Sam2Model`, `Sam3TrackerModel` or `EdgeTamModel`.
+        model: a `Sam2Model`, `Sam3TrackerModel`, `EdgeTamModel` or `Sam2VideoModel`.
         strategy: one of
             - `"decoder"`: the mask decoder trains. Option `train_prompt_encoder=False`.
             - `"partial"`: the last `num_blocks` image-encoder blocks (Hiera blocks, SAM3's ViT layers, EdgeTAM's
               RepViT blocks; or an explicit `blocks=[...]`) and the decoder train.
               Options `train_neck=False`, `train_prompt_encoder=False`.
-            - `"full"`: everything trains.
+            - `"full"`: everything trains (on a `Sam2VideoModel` the memory path too).
+            - `"memory"` (`Sam2VideoModel` only): the memory path (memory attention, memory encoder with the mask
+              downsampler, object-pointer projections and the learnt memory embeddings: every parameter under
+              `models.VIDEO_ONLY_PREFIXES`) and the mask decoder train; the image and prompt encoders stay frozen.
+              Option `train_prompt_encoder=False`.
             - a PEFT tuner name (`lora`, `dora`, `loha`, `lokr`, `ia3`, `vera`, `boft`, `fourierft`, `hra`) or
-              any `peft.PeftConfig`. Options `targets="trunk.qkv"` (presets combinable with `+`), `blocks=None`
-              (`"last:4"` or a list), `r=8`, `alpha=2*r`, `dropout=0.0`, `decoder="frozen"|"full"|"adapter"`, and
-              any field of the tuner's PEFT config (e.g. `init_lora_weights=False`).
+              any `peft.PeftConfig`. Options `targets="trunk.qkv"` (presets combinable with `+`; on a video model
+              also `memory.attn`, `memory.all`), `blocks=None` (`"last:4"` or a list; image-encoder blocks only),
+              `r=8`, `alpha=2*r`, `dropout=0.0`, `decoder="frozen"|"full"|"adapter"`, and any field of the tuner's PEFT
+              config (e.g. `init_lora_weights=False`).
         **options: the strategy's options above.
 
     Example:
@@ -56,15 +78,13 @@ def apply_strategy(model: nn.Module, strategy: str | PeftConfig, **options) -> n
     if isinstance(strategy, PeftConfig):
         return _with_options(_apply_peft_config, "peft config", model, strategy, options)
     name = str(strategy).lower()
-    if name in NON_PEFT_STRATEGIES:
-        builder = {"decoder": _decoder, "partial": _partial, "full": _full}[name]
+    if name in NON_PEFT_STRATEGIES + VIDEO_STRATEGIES:
+        builder = {"decoder": _decoder, "partial": _partial, "full": _full, "memory": _memory}[name]
         return _with_options(builder, name, model, None, options)
     if name in PEFT_STRATEGIES or name == "oft":
         return _with_options(_apply_peft, name, model, name, options)
-    raise ValueError(
-        f"strategy={strategy!r} is unknown; choose one of {', '.join(NON_PEFT_STRATEGIES + PEFT_STRATEGIES)} "
-        "or pass a peft.PeftConfig."
-    )
+    known = NON_PEFT_STRATEGIES + VIDEO_STRATEGIES + PEFT_STRATEGIES
+    raise ValueError(f"strategy={strategy!r} is unknown; choose one of {', '.join(known)} or pass a peft.PeftConfig.")
 
 
 def _with_options(builder, name: str, model: nn.Module, arg, options: dict) -> nn.Module:
@@ -117,6 +137,12 @@ def _full(model: nn.Module) -> nn.Module:
     return _set_trainable(model, [""])
 
 
+def _memory(model: nn.Module, *, train_prompt_encoder: bool = False) -> nn.Module:
+    require_video_model(model, "strategy='memory'")
+    prefixes = [*VIDEO_ONLY_PREFIXES, "mask_decoder."] + (["prompt_encoder."] if train_prompt_encoder else [])
+    return _set_trainable(model, prefixes)
+
+
 def _apply_peft(
     model: nn.Module,
     tuner: str,
@@ -131,7 +157,8 @@ def _apply_peft(
 ) -> PeftModel:
     if decoder not in DECODER_MODES:
         raise ValueError(f"decoder={decoder!r} is unknown; choose one of {', '.join(DECODER_MODES)}.")
-    parts = [targets] if isinstance(targets, str) else list(targets)
+    # A string splits at `+` and `,` into presets; a list keeps its parts whole (regexes may hold either).
+    parts = split_targets(targets)
     parts += ["decoder.attn"] if decoder == "adapter" else []
     target_modules = resolve_targets(model, parts, blocks)
     if tuner == "oft":
@@ -217,6 +244,14 @@ def _refuse_oft(names: list[str]) -> None:
     )
 
 
+# Summary rows of the video model's memory path; its other `VIDEO_ONLY_PREFIXES` (the object-pointer projections and
+# the learnt memory embeddings) are the "object_pointer" row.
+_MEMORY_ROWS = {"memory_attention.": "memory_attention", "memory_encoder.": "memory_encoder",
+                "mask_downsample.": "memory_encoder"}
+_SUMMARY_ORDER = ["trunk.stem", "trunk.blocks", "neck", "prompt_encoder", "mask_decoder", "memory_attention",
+                  "memory_encoder", "object_pointer", "adapters", "other"]
+
+
 def _component(trunk: Trunk, name: str, adapter_prefix: str | None) -> str:
     """Map a parameter name (PEFT prefixes included) to its summary row."""
     name = name.removeprefix("base_model.model.")
@@ -232,14 +267,18 @@ def _component(trunk: Trunk, name: str, adapter_prefix: str | None) -> str:
     ):
         if name.startswith(prefix):
             return row
+    if name.startswith(VIDEO_ONLY_PREFIXES):
+        return next((row for prefix, row in _MEMORY_ROWS.items() if name.startswith(prefix)), "object_pointer")
     return "other"
 
 
 class TrainableSummary(dict):
     """Trainable and total parameter counts per component: a dict that prints as a table.
 
-    Keys are components (`trunk.stem`, `trunk.blocks.<i>`, `neck`, `prompt_encoder`, `mask_decoder`, `adapters`,
-    `other`), each `{"trainable": int, "total": int}`, plus `"all"` with the totals.
+    Keys are components (`trunk.stem`, `trunk.blocks.<i>`, `neck`, `prompt_encoder`, `mask_decoder`; on a
+    `Sam2VideoModel` `memory_attention`, `memory_encoder` (with the mask downsampler) and `object_pointer` (the
+    object-pointer projections and the learnt memory embeddings); `adapters`, `other`), each
+    `{"trainable": int, "total": int}`, plus `"all"` with the totals.
     """
 
     def __str__(self) -> str:
@@ -272,8 +311,9 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
 
     def order(key: str) -> tuple:
         blocks = re.fullmatch(r"trunk\.blocks\.(\d+)", key)
-        rank = ["trunk.stem", "trunk.blocks", "neck", "prompt_encoder", "mask_decoder", "adapters", "other"]
-        return (rank.index("trunk.blocks"), int(blocks.group(1))) if blocks else (rank.index(key), 0)
+        if blocks:
+            return _SUMMARY_ORDER.index("trunk.blocks"), int(blocks.group(1))
+        return _SUMMARY_ORDER.index(key), 0
 
     summary = TrainableSummary((key, rows[key]) for key in sorted(rows, key=order))
     summary["all"] = {

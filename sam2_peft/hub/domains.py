@@ -161,7 +161,7 @@ class DomainAdapters:
         folder = resolve_adapter(adapter, revision)
         if not (folder / PEFT_WEIGHTS).is_file():
             raise ValueError(
-                f"Adapter {str(adapter)!r} holds trained tensors (decoder/partial/full), not a PEFT adapter, so it "
+                f"Adapter {str(adapter)!r} holds trained tensors (decoder/partial/full/memory), not a PEFT adapter, so it "
                 "cannot be one of several domains on a shared base. Load it alone with `load_adapter`."
             )
         return folder

@@ -19,11 +19,14 @@ from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 
 import torch
+from safetensors import safe_open
 from torch import nn
+from transformers import Sam2Config
 
 from sam2_peft.errors import UserError
-from sam2_peft.models import model_fingerprint
+from sam2_peft.models import VIDEO_ONLY_PREFIXES, ModelLoadError, model_fingerprint
 from sam2_peft.segmenter import base_sam2
+from sam2_peft.targets import is_video_model
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -37,6 +40,8 @@ ADAPTER_FILES = (PEFT_CONFIG, PEFT_WEIGHTS, TRAINED_TENSORS, SAM2_PEFT_JSON, MOD
 # Weight formats that unpickle (and so can run code) when loaded.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# PEFT's state-dict keys start with this; the rest is the module path inside the family model.
+PEFT_PREFIX = "base_model.model."
 
 
 class AdapterFileError(UserError, ValueError):
@@ -220,17 +225,49 @@ def base_fingerprint(model: nn.Module, exclude: Iterable[str] = ()) -> str:
     return model_fingerprint(SimpleNamespace(config=base_sam2(model).config, state_dict=lambda: state))
 
 
+def image_fingerprint(model: nn.Module, exclude: Iterable[str] = ()) -> str:
+    """Return `base_fingerprint` of the image model inside `model`, so that adapters compare across image and video.
+
+    For a `Sam2VideoModel` that is the `Sam2Model` it holds: its image configuration and every weight outside the
+    memory path (`VIDEO_ONLY_PREFIXES`), which equals `load_sam2(name)`'s fingerprint when `load_sam2(name,
+    video=True)` gave the model. For an image model it is `base_fingerprint` itself.
+
+    Args:
+        model: a family model or a `PeftModel` around one.
+        exclude: state-dict keys to leave out, as in `base_fingerprint`.
+    """
+    if not is_video_model(model):
+        return base_fingerprint(model, exclude)
+    skip = set(exclude)
+    state = {key: value for key, value in base_state_dict(model).items()
+             if key not in skip and not key.startswith(VIDEO_ONLY_PREFIXES)}
+    video = base_sam2(model).config
+    # The image parts' configurations without their video `model_type`s (`sam2_video_mask_decoder`, ...).
+    parts = {name: {key: value for key, value in getattr(video, name).to_dict().items() if key != "model_type"}
+             for name in ("vision_config", "prompt_encoder_config", "mask_decoder_config")}
+    config = Sam2Config(**parts, initializer_range=video.initializer_range)
+    return model_fingerprint(SimpleNamespace(config=config, state_dict=lambda: state))
+
+
+def touches_memory(keys: Iterable[str]) -> list[str]:
+    """The keys among `keys` (plain or PEFT state-dict keys) that belong to the video model's memory path."""
+    return [key for key in keys if key.removeprefix(PEFT_PREFIX).startswith(VIDEO_ONLY_PREFIXES)]
+
+
 def portable_base_name(name: str | None, fingerprint: str) -> str:
     """Return `name` when it is a Hub id, else the base fingerprint (local paths and presets do not travel)."""
     return name if name and is_hub_id(name) else fingerprint
 
 
 def write_sam2_peft_json(folder: Path, *, base_model_name_or_path: str, fingerprint: str, strategy: str,
-                         revision: str | None, adapted_shapes: dict[str, list[int]] | None = None) -> None:
+                         revision: str | None, adapted_shapes: dict[str, list[int]] | None = None,
+                         video: dict | None = None) -> None:
     """Write the small compatibility record that `load_adapter` checks before touching any weight.
 
     `adapted_shapes` (a PEFT adapter's adapted modules and their weight shapes) lets the check refuse another base
-    even for tuners whose tensors do not depend on the base's shapes (FourierFT).
+    even for tuners whose tensors do not depend on the base's shapes (FourierFT). `video`, for adapters saved from a
+    `Sam2VideoModel`, adds `base_model_class`, `image_fingerprint` (the image model inside the base) and
+    `requires_video_model` (whether the adapter changes the memory path, and so loads onto the video model only).
     """
     record = {
         "base_model_name_or_path": base_model_name_or_path,
@@ -241,7 +278,46 @@ def write_sam2_peft_json(folder: Path, *, base_model_name_or_path: str, fingerpr
     }
     if adapted_shapes:
         record["adapted_shapes"] = adapted_shapes
+    record.update(video or {})
     (folder / SAM2_PEFT_JSON).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The key -> shape table of a safetensors file, from its JSON header alone (no tensor data, no code)."""
+    with safe_open(path, framework="pt") as file:
+        return {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+
+
+def requires_video_model(adapter: str | os.PathLike, revision: str | None = None) -> bool:
+    """Whether an adapter changes the video model's memory path, and so loads onto `Sam2VideoModel` only.
+
+    True when its `sam2_peft.json` says so (`requires_video_model`) or its weights file holds memory-path tensors
+    (an adapter saved by plain PEFT); reads the file's header only.
+
+    Example:
+        >>> base = load_sam2("tiny-random", video=requires_video_model("runs/memory/final"))
+    """
+    folder = resolve_adapter(adapter, revision)
+    record = read_json(folder, SAM2_PEFT_JSON) or {}
+    weights = folder / (PEFT_WEIGHTS if (folder / PEFT_WEIGHTS).is_file() else TRAINED_TENSORS)
+    return bool(record.get("requires_video_model")) or bool(touches_memory(header_shapes(weights)))
+
+
+def recorded_base(folder: Path, where: str) -> tuple[str, str | None]:
+    """The base (and its revision) an adapter folder records, when it can be loaded by that name.
+
+    Raises:
+        ModelLoadError: the adapter names its base only by fingerprint, or not at all.
+    """
+    record = read_json(folder, SAM2_PEFT_JSON) or read_json(folder, PEFT_CONFIG) or {}
+    name = record.get("base_model_name_or_path")
+    if not name or not (is_hub_id(name) or Path(name).is_dir()):
+        raise ModelLoadError(
+            f"{where} names its base only as {name or 'nothing'} (a fingerprint: it was trained on a preset, a local "
+            "folder or an official checkpoint, whose names do not travel). Pass the base: "
+            "`load_adapted('<model>', adapter)` (`--model` on the command line)."
+        )
+    return name, record.get("revision")
 
 
 def read_json(folder: Path, name: str, error: type[Exception] = AdapterFileError) -> dict | None:

@@ -2,6 +2,11 @@
 
     model = load_adapter(load_sam2("facebook/sam2.1-hiera-tiny"), "user/sam2-lora-ct", revision="v1")
     model = load_adapter(load_sam2("tiny-random"), "runs/decoder/final")      # trained tensors, strict keys
+    model = load_adapted("tiny-random", "runs/memory/final")     # the base as the image or video model it needs
+
+Image and video models share every image-path parameter: an adapter trained on `Sam2Model` loads onto
+`Sam2VideoModel` unchanged, and one trained on the video model loads onto the image model unless it changed the
+memory path (`sam2_peft.json` `requires_video_model`, or memory tensors in the file), which is refused with the fix.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import copy
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -18,27 +23,32 @@ from peft import PeftConfig, PeftModel, PeftType, get_peft_model, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils import ModulesToSaveWrapper
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from sam2_peft.errors import UserError
 from sam2_peft.hub.files import (
     PEFT_CONFIG,
+    PEFT_PREFIX,
     PEFT_WEIGHTS,
     SAM2_PEFT_JSON,
     TRAINED_TENSORS,
     AdapterFileError,
     base_fingerprint,
     base_state_dict,
+    header_shapes,
+    image_fingerprint,
     read_json,
+    recorded_base,
+    requires_video_model,
     resolve_adapter,
+    touches_memory,
 )
 from sam2_peft.hub.preprocessing import note_missing, read_preprocessing, record_preprocessing
+from sam2_peft.models import load_sam2
 from sam2_peft.segmenter import base_sam2
+from sam2_peft.targets import is_video_model
 
-# PEFT's state-dict keys start with this; the rest is the module path inside the Sam2Model.
-_PEFT_PREFIX = "base_model.model."
 _MAX_LISTED = 5
 
 
@@ -57,7 +67,9 @@ def load_adapter(
     """Load an adapter folder (PEFT or trained tensors) onto `model`, after checking it fits.
 
     Args:
-        model: a `Sam2Model`, or a `PeftModel` that already holds other adapters (PEFT folders only).
+        model: a `Sam2Model` (or another family model: `Sam2VideoModel`, ...), or a `PeftModel` that already holds
+            other adapters (PEFT folders only). An adapter trained on the image model loads onto the video model
+            unchanged; one that changed the video model's memory path loads onto the video model only.
         adapter: a local folder, or a Hub id (`user/name`); with `HF_HUB_OFFLINE=1` Hub ids resolve from the HF
             cache.
         revision: the Hub branch, tag or commit to pin.
@@ -69,8 +81,8 @@ def load_adapter(
         A `PeftModel` for PEFT folders (`model` itself if it already was one); `model` for trained tensors.
 
     Raises:
-        AdapterMismatchError: the adapter's tensors do not fit this model (another size or configuration). The
-            model is unchanged.
+        AdapterMismatchError: the adapter's tensors do not fit this model (another size or configuration, or memory
+            tensors for an image model). The model is unchanged.
         AdapterFileError: the folder or repository is not a safe, complete adapter.
         PreprocessingError: its `preprocessor_config.json` is malformed or another family's.
 
@@ -97,6 +109,51 @@ def load_adapter(
     return model
 
 
+def load_adapted(
+    model: str | os.PathLike | None,
+    adapter: str | os.PathLike,
+    *,
+    video: bool | None = None,
+    revision: str | None = None,
+    adapter_revision: str | None = None,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    **load_options,
+) -> nn.Module:
+    """Load the base an adapter needs, as the image or the video model, then the adapter onto it.
+
+    Args:
+        model: the base as `load_sam2` takes it (Hub id, folder, `.pt`, preset); None: the base the adapter records
+            (`base_model_name_or_path` in `sam2_peft.json`, else in `adapter_config.json`) when that is a Hub id or
+            an existing folder.
+        adapter: a local adapter folder or a Hub id, as for `load_adapter`.
+        video: None: the video model (`load_sam2(..., video=True)`) when the adapter changes the memory path
+            (`requires_video_model`), else the image model. True: the video model always (image adapters load
+            onto it unchanged). False: the image model (an adapter that needs the video model is refused).
+        revision: the base's Hub revision; with `model=None`, default the one the adapter records.
+        adapter_revision: the adapter's Hub revision.
+        adapter_name: as in `load_adapter`.
+        is_trainable: as in `load_adapter`.
+        **load_options: further `load_sam2` options (`dtype`, `device`, `sam2_config`, `hub_kernels`).
+
+    Raises:
+        ModelLoadError: `model=None` and the adapter names its base only by fingerprint (trained on a preset, a
+            local folder or an official checkpoint): pass `model`.
+
+    Example:
+        >>> model = load_adapted("tiny-random", "runs/memory/final")    # a PeftModel around a Sam2VideoModel
+    """
+    folder = resolve_adapter(adapter, adapter_revision)
+    if video is None:
+        video = requires_video_model(folder)
+    if model is None:
+        model, recorded_revision = recorded_base(folder, f"adapter {str(adapter)!r}")
+        revision = recorded_revision if revision is None else revision
+    base = load_sam2(model, revision=revision, video=video, **load_options)
+    return load_adapter(base, adapter, revision=adapter_revision, adapter_name=adapter_name,
+                        is_trainable=is_trainable)
+
+
 def check_compatible(model: nn.Module, folder: Path, *, where: str = "the adapter") -> None:
     """Refuse an adapter folder whose tensors do not fit `model`; warn when only the base weights differ.
 
@@ -105,8 +162,10 @@ def check_compatible(model: nn.Module, folder: Path, *, where: str = "the adapte
     gives must be the file's, key for key and shape for shape (any tuner, `modules_to_save` included); the weight
     shapes that `sam2_peft.json` records for the adapted modules (`adapted_shapes`) must be the model's, which
     catches FourierFT, whose tensors have the same shapes on every base. Trained tensors must be weights of the
-    model with the same shapes. When `sam2_peft.json` records a base fingerprint that differs from the model's, the
-    architecture still fits (different weights, or another dtype): that is a warning.
+    model with the same shapes. An adapter that changes the video model's memory path is refused on an image model
+    first, with that fix. When `sam2_peft.json` records a base fingerprint that differs from the model's, the
+    architecture still fits (different weights, or another dtype): that is a warning, unless the two differ only in
+    being the image or the video model of the same weights (`image_fingerprint`).
 
     Raises:
         AdapterMismatchError: listing up to five offending modules or tensors, their shapes, and the fix.
@@ -114,20 +173,20 @@ def check_compatible(model: nn.Module, folder: Path, *, where: str = "the adapte
     base = {key: tuple(t.shape) for key, t in base_state_dict(model).items()}
     record = read_json(folder, SAM2_PEFT_JSON) or {}
     peft = (folder / PEFT_WEIGHTS).is_file()
+    shapes = header_shapes(folder / (PEFT_WEIGHTS if peft else TRAINED_TENSORS))
+    _check_video(model, record, shapes, where)
     if peft:
         _check_peft_config(folder)
         config = PeftConfig.from_pretrained(str(folder))
-        shapes = _header_shapes(folder / PEFT_WEIGHTS)
         problems = _recorded_problems(record.get("adapted_shapes", {}), base)
         problems = problems or _peft_problems(base_sam2(model), config, shapes)
     else:
         if isinstance(model, PeftModel):
             raise AdapterMismatchError(
-                f"{where} holds trained tensors (from a decoder/partial/full run) and must be loaded onto a plain "
+                f"{where} holds trained tensors (from a decoder/partial/full/memory run) and must be loaded onto a plain "
                 "Sam2Model, not a PeftModel: load it first, then add PEFT adapters."
             )
         config = None
-        shapes = _header_shapes(folder / TRAINED_TENSORS)
         problems = _tensor_problems(shapes, base)
     if problems:
         made_for = record.get("base_model_name_or_path") or getattr(config, "base_model_name_or_path", None)
@@ -139,42 +198,41 @@ def check_compatible(model: nn.Module, folder: Path, *, where: str = "the adapte
             "Nothing was loaded."
         )
     expected = record.get("base_fingerprint")
-    # Trained tensors record either the whole base or, when saved without it, only its frozen part.
-    if expected and expected != (actual := base_fingerprint(model)) and (
-        peft or expected != base_fingerprint(model, exclude=shapes)
-    ):
+    if expected and not _same_base(model, record, () if peft else shapes):
         warnings.warn(
             f"{where} was trained on base {expected} ({record.get('base_model_name_or_path')}) but this model is "
-            f"{actual}: same architecture, different weights or dtype. Results may differ from the reported metrics.",
+            f"{base_fingerprint(model)}: same architecture, different weights or dtype. Results may differ from the "
+            "reported metrics.",
             stacklevel=3,
         )
 
 
-def adapted_shapes(model: PeftModel) -> dict[str, list[int]]:
-    """Return the weight shape of every module the active adapter adapts, keyed by its name in the base.
-
-    `save_adapter` records this as `adapted_shapes` in `sam2_peft.json`, and `check_compatible` compares it with the
-    model an adapter is loaded onto: some tuners' tensors (FourierFT's spectrum) have the same shapes on any base.
-
-    Example:
-        >>> shapes = adapted_shapes(apply_strategy(load_sam2("tiny-random"), "fourierft"))
-        >>> shapes["vision_encoder.backbone.blocks.0.attn.qkv"]
-        [72, 24]
-    """
-    active = model.active_adapter
-    shapes = {}
-    for name, module in base_sam2(model).named_modules():
-        if isinstance(module, BaseTunerLayer) and active in module.active_adapters:
-            weight = getattr(module.get_base_layer(), "weight", None)
-            if weight is not None:
-                shapes[name] = list(weight.shape)
-    return shapes
+def _check_video(model: nn.Module, record: dict, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """Refuse, with the fix, an adapter that changes the memory path when `model` is an image model."""
+    memory = touches_memory(shapes)
+    if is_video_model(model) or not (memory or record.get("requires_video_model")):
+        return
+    what = f" ({memory[0].removeprefix(PEFT_PREFIX)}, ... {len(memory)} tensors)" if memory else ""
+    raise AdapterMismatchError(
+        f"{where} was trained on SAM2's video model and changes its memory path{what}, which "
+        f"{type(base_sam2(model)).__name__} does not have. Load the video model: `load_sam2(name, video=True)` "
+        "(`--task video`), or `load_adapted(name, adapter)`, which picks the model the adapter needs. Nothing was "
+        "loaded."
+    )
 
 
-def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    # safe_open reads only the JSON header here: no tensor data, no code.
-    with safe_open(path, framework="pt") as file:
-        return {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+def _same_base(model: nn.Module, record: dict, trained: Iterable[str]) -> bool:
+    """Whether `model` is the base `record` names: the same fingerprint, or the same image model inside both.
+
+    Trained tensors record the base either whole or, when saved without it, only its frozen part (keys `trained`
+    left out); records without `image_fingerprint` come from image models."""
+    expected = record["base_fingerprint"]
+    if expected in (base_fingerprint(model), *([base_fingerprint(model, exclude=trained)] if trained else [])):
+        return True
+    if not is_video_model(model) and "image_fingerprint" not in record:
+        return False  # two image models: their image fingerprints are the ones compared above
+    image = record.get("image_fingerprint", expected)
+    return image in (image_fingerprint(model), *([image_fingerprint(model, exclude=trained)] if trained else []))
 
 
 def _check_peft_config(folder: Path) -> None:
@@ -208,14 +266,14 @@ def _peft_problems(sam: nn.Module, config: PeftConfig, shapes: dict[str, tuple[i
     except ValueError as err:  # PEFT refuses the config on these modules (e.g. a BOFT block size that does not divide)
         return [_injection_problem(modules, config, err)]
     problems = [
-        f"{key.removeprefix(_PEFT_PREFIX)} has shape {shape} in the adapter but this model needs {expected[key]}"
+        f"{key.removeprefix(PEFT_PREFIX)} has shape {shape} in the adapter but this model needs {expected[key]}"
         for key, shape in shapes.items()
         if key in expected and shape != expected[key]
     ]
     # Tensors for modules this model lacks, one line per module.
     absent = defaultdict(int)
     for key in sorted(shapes.keys() - expected.keys()):
-        name = key.removeprefix(_PEFT_PREFIX)
+        name = key.removeprefix(PEFT_PREFIX)
         owner = next((m for m in _prefixes(name) if _is_target(config, m, []) or _is_saved(config, m)), None)
         if owner is None or (owner in modules and targeted):
             problems.append(f"{name} is not a tensor this adapter has on this model")
@@ -227,7 +285,7 @@ def _peft_problems(sam: nn.Module, config: PeftConfig, shapes: dict[str, tuple[i
     # Modules of this model that the adapter targets but has no tensor for: it was made for a base without them.
     owned = defaultdict(set)
     for key in expected:
-        owned[next((m for m in _prefixes(key.removeprefix(_PEFT_PREFIX)) if m in adapted), None)].add(key)
+        owned[next((m for m in _prefixes(key.removeprefix(PEFT_PREFIX)) if m in adapted), None)].add(key)
     owned.pop(None, None)
     problems += [
         f"{module} matches the adapter's target_modules but the adapter has no weights for it"

@@ -11,27 +11,32 @@ import os
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from peft import PeftModel
+from peft import PeftModel, PeftType
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from torch import nn
 
 from sam2_peft.hub.files import (
     MODEL_CARD,
     PEFT_CONFIG,
+    PEFT_WEIGHTS,
     SAM2_PEFT_JSON,
     TRAINED_TENSORS,
     adapter_files,
     atomic_folder,
     base_fingerprint as fingerprint_of,
+    header_shapes,
+    image_fingerprint,
     is_hub_id,
     portable_base_name,
     read_json,
+    touches_memory,
     write_sam2_peft_json,
 )
 from sam2_peft.data.config import DataConfig
-from sam2_peft.hub.load import adapted_shapes
 from sam2_peft.hub.preprocessing import write_preprocessing
 from sam2_peft.segmenter import base_sam2
+from sam2_peft.targets import is_video_model
 
 _CARD_TEMPLATE = """---
 {{ card_data }}
@@ -54,19 +59,21 @@ Base model: `{{ base_model_name_or_path }}` (fingerprint `{{ fingerprint }}`).
 """
 
 _PEFT_USAGE = """```python
-from peft import PeftModel
+from peft import PeftModel, PeftType
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import {model_class}
 
 model = PeftModel.from_pretrained({model_class}.from_pretrained("{base}"{options}), "{repo}")
 ```"""
 # PEFT (0.21) asks a model with tied-weight keys for its input embeddings, which EdgeTamModel cannot give.
 _LOAD_OPTIONS = {"EdgeTamModel": ", tie_word_embeddings=False"}
+_SAM2_PEFT_OPTIONS = {"Sam2VideoModel": ", video=True"}
 
 _TENSORS_USAGE = """```python
 from sam2_peft import load_sam2
 from sam2_peft.hub import load_adapter
 
-model = load_adapter(load_sam2("{base}"), "{repo}")
+model = load_adapter(load_sam2("{base}"{options}), "{repo}")
 ```"""
 
 
@@ -88,7 +95,9 @@ def save_adapter(
     A `PeftModel` gives a standard PEFT folder (`adapter_config.json`, `adapter_model.safetensors`) of its active
     adapter, which plain `PeftModel.from_pretrained(Sam2Model.from_pretrained(base), folder)` loads. A plain
     `Sam2Model` gives `trained_tensors.safetensors`: the parameters with `requires_grad=True`, keyed as in
-    `Sam2Model.state_dict()`.
+    `Sam2Model.state_dict()`. From a `Sam2VideoModel`, `sam2_peft.json` also records whether the adapter changed the
+    memory path (`requires_video_model`: then it loads onto the video model only) and the fingerprint of the image
+    model inside it, so that the others load onto `Sam2Model` without an "other base" warning.
 
     Args:
         model: a `PeftModel` around a `Sam2Model`, or a `Sam2Model` after a non-PEFT strategy.
@@ -127,14 +136,46 @@ def save_adapter(
                       tmp / TRAINED_TENSORS, metadata={"format": "pt"})
         if data is not None:
             write_preprocessing(tmp, model, data)
+        video = _video_record(model, tmp, tensors) if is_video_model(model) else None
         write_sam2_peft_json(tmp, base_model_name_or_path=base_name, fingerprint=fingerprint, strategy=strategy,
-                             revision=revision, adapted_shapes=adapted_shapes(model) if peft else None)
+                             revision=revision, adapted_shapes=adapted_shapes(model) if peft else None, video=video)
         card = build_model_card(base_model_name_or_path=base_name, fingerprint=fingerprint, strategy=strategy,
                                 model_class=type(base_sam2(model)).__name__,
                                 peft_type=_peft_type(model), metrics=metrics, datasets=datasets,
                                 repo_id=Path(output_dir).name)
         card.save(tmp / MODEL_CARD)
     return Path(output_dir)
+
+
+def adapted_shapes(model: PeftModel) -> dict[str, list[int]]:
+    """Return the weight shape of every module the active adapter adapts, keyed by its name in the base.
+
+    `save_adapter` records this as `adapted_shapes` in `sam2_peft.json`, and `check_compatible` compares it with the
+    model an adapter is loaded onto: some tuners' tensors (FourierFT's spectrum) have the same shapes on any base.
+
+    Example:
+        >>> shapes = adapted_shapes(apply_strategy(load_sam2("tiny-random"), "fourierft"))
+        >>> shapes["vision_encoder.backbone.blocks.0.attn.qkv"]
+        [72, 24]
+    """
+    active = model.active_adapter
+    shapes = {}
+    for name, module in base_sam2(model).named_modules():
+        if isinstance(module, BaseTunerLayer) and active in module.active_adapters:
+            weight = getattr(module.get_base_layer(), "weight", None)
+            if weight is not None:
+                shapes[name] = list(weight.shape)
+    return shapes
+
+
+def _video_record(model: nn.Module, folder: Path, tensors: dict | None) -> dict:
+    """What a video model's adapter records: its class, the image model's fingerprint, whether it needs video."""
+    keys = tensors if tensors is not None else header_shapes(folder / PEFT_WEIGHTS)
+    return {
+        "base_model_class": type(base_sam2(model)).__name__,
+        "image_fingerprint": image_fingerprint(model, exclude=tensors or ()),
+        "requires_video_model": bool(touches_memory(keys)),
+    }
 
 
 def _peft_type(model: nn.Module) -> str | None:
@@ -146,13 +187,21 @@ def _peft_type(model: nn.Module) -> str | None:
 def _save_peft(model: PeftModel, folder: Path, base_name: str, revision: str | None) -> None:
     name = model.active_adapter
     config = model.peft_config[name]
-    previous = (config.base_model_name_or_path, config.revision)
+    previous = (config.base_model_name_or_path, config.revision, config.target_modules)
     config.base_model_name_or_path, config.revision = base_name, revision
+    if isinstance(config.target_modules, (list, set)) and config.peft_type != PeftType.IA3:
+        # PEFT condenses 20 or more target names into suffixes that single them out in this model only (`q_proj`
+        # for the decoder's attention), which on the video model match the memory attention too: save the exact
+        # names. (IA3's are never condensed, and its feedforward_modules must stay a subset of them.)
+        config.target_modules = sorted(
+            module_name for module_name, module in base_sam2(model).named_modules()
+            if isinstance(module, BaseTunerLayer) and name in module.active_adapters
+        )
     try:
         # save_embedding_layers=False: SAM2 has no vocabulary to check, and the check would query the Hub.
         model.save_pretrained(folder, selected_adapters=[name], safe_serialization=True, save_embedding_layers=False)
     finally:
-        config.base_model_name_or_path, config.revision = previous
+        config.base_model_name_or_path, config.revision, config.target_modules = previous
     if name != "default":
         # PEFT saves every adapter but "default" into a subfolder of its name; an adapter folder holds one.
         for file in (folder / name).iterdir():
@@ -218,7 +267,7 @@ def build_model_card(
     )
     usage = (_PEFT_USAGE if peft_type else _TENSORS_USAGE).format(
         base=base_model_name_or_path if hub_base else "<the base model>", repo=repo_id, model_class=model_class,
-        options=_LOAD_OPTIONS.get(model_class, ""),
+        options=(_LOAD_OPTIONS if peft_type else _SAM2_PEFT_OPTIONS).get(model_class, ""),
     )
     return ModelCard.from_template(
         data,
