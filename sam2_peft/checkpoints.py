@@ -23,7 +23,6 @@ from safetensors.torch import load_file, save_file
 from sam2_peft.config import TrainConfig
 from sam2_peft.errors import MissingFileError, OutputExistsError
 from sam2_peft.hub import atomic_file
-from sam2_peft.interactive import InteractiveSegmenter
 from sam2_peft.models import load_sam2
 from sam2_peft.strategies import apply_strategy
 from sam2_peft.training import COMPLETE_MARKER, TrainState, latest_checkpoint
@@ -40,8 +39,10 @@ def final_model(accelerator: Accelerator, module, cfg: TrainConfig, best_path: P
     state_dict = accelerator.get_state_dict(module)
     if not accelerator.is_main_process:
         return None
-    base = load_sam2(cfg.model, revision=cfg.revision, sam2_config=cfg.sam2_config, hub_kernels=cfg.hub_kernels)
-    rebuilt = InteractiveSegmenter(apply_strategy(base, cfg.strategy, **cfg.strategy_options()))
+    base = load_sam2(cfg.model, revision=cfg.revision, sam2_config=cfg.sam2_config, hub_kernels=cfg.hub_kernels,
+                     video=cfg.task == "video")
+    # The same wrapper (`InteractiveSegmenter` or `ClipSegmenter`), so the gathered state dict's keys fit.
+    rebuilt = type(accelerator.unwrap_model(module))(apply_strategy(base, cfg.strategy, **cfg.strategy_options()))
     rebuilt.load_state_dict(state_dict)
     if best_step is not None:
         restore_trainable(rebuilt, best_path, best_step)

@@ -9,6 +9,7 @@
     sam2-peft data     DIR [--mask_type instance|semantic]
     sam2-peft predict  --model M [--adapter NAME=A ...] [--domain NAME] --image IMG --box X1,Y1,X2,Y2 --output PNG
     sam2-peft segment  --model M [--adapter A] --image IMG --output OUT.png [--points_per_side N ...]
+    sam2-peft track    --model M [--adapter A] --video PATH --box X1,Y1,X2,Y2 [--box ...] [--frame F] --output DIR
     sam2-peft demo     --model M [--adapter [NAME=]PATH ...] [--host 127.0.0.1] [--port 7860]
 """
 
@@ -18,7 +19,9 @@ import argparse
 import logging
 import sys
 
+from sam2_peft import inference_commands
 from sam2_peft.errors import ConfigError, run_command
+from sam2_peft.inference_commands import add_generator_flags, add_hub_kernels_flag, generator_options
 
 COMMANDS = {
     "train": "fine-tune SAM2 (fields from --config YAML, overridden by --<field> VALUE)",
@@ -27,11 +30,8 @@ COMMANDS = {
     "merge": "fold an adapter into its base: a Hugging Face folder or an official sam2 checkpoint",
     "push": "upload an adapter folder to the Hugging Face Hub",
     "convert": "convert an official sam2 checkpoint (.pt) into a Hugging Face model folder",
-    "export": "export a model (and adapter, merged) as ONNX: encoder.onnx, decoder.onnx, metadata.json",
     "data": "check a dataset: images, objects, and what would be skipped and why",
-    "predict": "segment boxes in an image file, choosing a domain's adapter with --domain",
-    "segment": "segment everything in an image with a point grid (automatic masks)",
-    "demo": "a local web page: the base model's and an adapter's masks side by side (needs sam2-peft[demo])",
+    **inference_commands.DESCRIPTIONS,
 }
 
 
@@ -42,7 +42,8 @@ def _train(args: list[str]) -> None:
     metrics = finetune(parse_config(args))
     baseline, best = metrics["baseline"], metrics["best"]
     if baseline is not None:
-        print(f"Dice before: {baseline['dice']:.4f}  after (best, step {metrics['best_step']}): {best['dice']:.4f}")
+        print(f"Dice before: {baseline['dice']:.4f}  after (best, step {metrics['best_step']}): {best['dice']:.4f}"
+              + (f"; J&F {baseline['j_and_f']:.4f} -> {best['j_and_f']:.4f}" if "j_and_f" in best else ""))
 
 
 def _data(args: list[str]) -> None:
@@ -71,8 +72,7 @@ def _data(args: list[str]) -> None:
 
 def _merge(args: list[str]) -> None:
     from sam2_peft.export import merge_to_folder
-    from sam2_peft.hub import load_adapter
-    from sam2_peft.models import load_sam2
+    from sam2_peft.hub import load_adapted
 
     parser = argparse.ArgumentParser(prog="sam2-peft merge", description=COMMANDS["merge"])
     parser.add_argument("--model", required=True, help="base model: Hub id, local folder or official .pt")
@@ -84,10 +84,14 @@ def _merge(args: list[str]) -> None:
     parser.add_argument(
         "--video_source", default=None, help="--format sam2: official checkpoint to copy the video-only modules from"
     )
-    _add_hub_kernels_flag(parser)
+    parser.add_argument("--task", default=None, choices=["image", "video"],
+                        help="merge into the image or the video model (default: video when the adapter trained the "
+                             "memory path, else image)")
+    add_hub_kernels_flag(parser)
     parsed = parser.parse_args(args)
-    base = load_sam2(parsed.model, sam2_config=parsed.sam2_config, hub_kernels=parsed.hub_kernels)
-    model = load_adapter(base, parsed.adapter, revision=parsed.revision)
+    video = {"image": False, "video": True, None: None}[parsed.task]
+    model = load_adapted(parsed.model, parsed.adapter, video=video, adapter_revision=parsed.revision,
+                         sam2_config=parsed.sam2_config, hub_kernels=parsed.hub_kernels)
     path = merge_to_folder(
         model, parsed.output_dir, format=parsed.format, sam2_config=parsed.sam2_config, video_source=parsed.video_source
     )
@@ -123,39 +127,10 @@ def _convert(args: list[str]) -> None:
     parser.add_argument("--sam2_checkpoint", required=True, help="official checkpoint, e.g. sam2.1_hiera_tiny.pt")
     parser.add_argument("--sam2_config", default=None, help="sam2.1_hiera_t|s|b+|l, sam2_hiera_*, or a YAML path")
     parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--video", action="store_true", help="write the video model (Sam2VideoModel, memory path too)")
     parsed = parser.parse_args(args)
-    path = convert_checkpoint(parsed.sam2_checkpoint, parsed.sam2_config, parsed.output_dir)
+    path = convert_checkpoint(parsed.sam2_checkpoint, parsed.sam2_config, parsed.output_dir, video=parsed.video)
     print(f"Hugging Face model folder written to {path}")
-
-
-def _export(args: list[str]) -> None:
-    from sam2_peft.hub import adapter_preprocessing, load_adapter
-    from sam2_peft.models import load_sam2
-    from sam2_peft.onnx_export import QUANTIZE_MODES, export_onnx
-
-    parser = argparse.ArgumentParser(prog="sam2-peft export", description=COMMANDS["export"])
-    parser.add_argument("--model", required=True, help="base model: Hub id, local folder, official .pt or tiny-random")
-    parser.add_argument("--adapter", default=None, help="adapter folder (e.g. DIR/final) or Hub id, merged in")
-    parser.add_argument("--format", default="onnx", choices=["onnx"])
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument(
-        "--quantize", default=None, choices=QUANTIZE_MODES,
-        help="also write a dynamically quantised pair (encoder_int8.onnx, decoder_int8.onnx)",
-    )
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset, 14 to 20 (default 17)")
-    parser.add_argument("--sam2_config", default=None, help="official config name for a .pt --model (guessed if unset)")
-    parser.add_argument("--revision", default=None, help="adapter revision on the Hub")
-    _add_hub_kernels_flag(parser)
-    parsed = parser.parse_args(args)
-    model = load_sam2(parsed.model, sam2_config=parsed.sam2_config, hub_kernels=parsed.hub_kernels)
-    preprocessing = None
-    if parsed.adapter is not None:
-        model = load_adapter(model, parsed.adapter, revision=parsed.revision)  # refuses another base's adapter
-        record = adapter_preprocessing(model)
-        preprocessing = None if record is None else record.data
-    path = export_onnx(model, parsed.output_dir, quantize=parsed.quantize, preprocessing=preprocessing,
-                       opset=parsed.opset)
-    print(f"ONNX encoder, decoder and metadata.json written to {path}")
 
 
 def _eval(args: list[str]) -> None:
@@ -177,9 +152,11 @@ def _eval(args: list[str]) -> None:
     parser.add_argument("--revision", default=None, help="base model revision")
     parser.add_argument("--adapter_revision", default=None)
     parser.add_argument("--sam2_config", default=None, help="official config name for a .pt --model")
-    _add_hub_kernels_flag(parser)
-    _add_generator_flags(parser)
+    add_hub_kernels_flag(parser)
+    add_generator_flags(parser)
     data, parsed = parse_data_args(parser, args)
+    if data.task == "video":
+        return _eval_video(data, parsed)
     evaluate_model(
         parsed.model,
         data,
@@ -195,8 +172,20 @@ def _eval(args: list[str]) -> None:
         baseline=not parsed.no_baseline,
         seed=parsed.seed,
         hub_kernels=parsed.hub_kernels,
-        everything={**_generator_options(parsed), "iou_threshold": parsed.match_iou},
+        everything={**generator_options(parsed), "iou_threshold": parsed.match_iou},
     )
+
+
+def _eval_video(data, parsed: argparse.Namespace) -> None:
+    from sam2_peft.video.evaluation import evaluate_video
+
+    if parsed.prompt == "everything" or parsed.correction_clicks:
+        raise ConfigError("--task video prompts each object once (--prompt box|point|points:K) and tracks it; "
+                          "drop --prompt everything and --correction_clicks.")
+    evaluate_video(parsed.model, data, adapter=parsed.adapter, prompt=parsed.prompt, split=parsed.split,
+                   baseline=not parsed.no_baseline, seed=parsed.seed, output_dir=parsed.output_dir,
+                   revision=parsed.revision, sam2_config=parsed.sam2_config, adapter_revision=parsed.adapter_revision,
+                   hub_kernels=parsed.hub_kernels)
 
 
 def _compare(args: list[str]) -> None:
@@ -216,112 +205,6 @@ def _compare(args: list[str]) -> None:
     compare_strategies(cfg, parse_strategies(parsed.strategies), cfg.output_dir)
 
 
-def _predict(args: list[str]) -> None:
-    from sam2_peft.data.config import build_data_parser, parse_data_args
-    from sam2_peft.hub import DomainAdapters, load_adapter
-    from sam2_peft.models import load_sam2
-    from sam2_peft.prediction import save_label_map, segment_image
-
-    parser = build_data_parser("sam2-peft predict", COMMANDS["predict"])
-    parser.add_argument("--model", required=True)
-    parser.add_argument(
-        "--adapter", action="append", default=[], metavar="[NAME=]PATH",
-        help="adapter folder or Hub id; repeat with NAME=PATH to register several domains",
-    )
-    parser.add_argument("--domain", default=None, help="which registered adapter to use")
-    parser.add_argument("--image", required=True)
-    parser.add_argument("--box", action="append", required=True, metavar="X1,Y1,X2,Y2", help="repeat for more objects")
-    parser.add_argument("--output", required=True, help="label-map PNG to write (object i has value i)")
-    _add_hub_kernels_flag(parser)
-    data, parsed = parse_data_args(parser, args)
-    boxes = []
-    for box in parsed.box:
-        try:
-            x1, y1, x2, y2 = (float(value) for value in box.split(","))
-        except ValueError:
-            raise ConfigError(f"--box {box}: expected four comma-separated numbers x1,y1,x2,y2.") from None
-        boxes.append((x1, y1, x2, y2))
-    model = load_sam2(parsed.model, hub_kernels=parsed.hub_kernels)
-    named = [spec.split("=", 1) if "=" in spec else (None, spec) for spec in parsed.adapter]
-    if any(name for name, _ in named):
-        model = DomainAdapters(model)
-        for name, path in named:
-            if name is None:
-                raise ConfigError(f"--adapter {path}: name every adapter (NAME=PATH) when registering domains.")
-            model.add(name, path)
-    elif named:
-        if len(named) > 1 or parsed.domain:
-            raise ConfigError("Several adapters or --domain need names: --adapter NAME=PATH.")
-        model = load_adapter(model, named[0][1])
-    labels = segment_image(model, parsed.image, boxes, domain=parsed.domain, data=data)
-    path = save_label_map(labels, parsed.output)
-    print(f"{len(boxes)} object(s): {[int((labels == i + 1).sum()) for i in range(len(boxes))]} pixels; wrote {path}")
-
-
-def _segment(args: list[str]) -> None:
-    from sam2_peft.automatic import generate_masks, label_map, load_pixels, save_overlay
-    from sam2_peft.data.config import build_data_parser, parse_data_args
-    from sam2_peft.hub import adapter_preprocessing, load_adapter, resolve_data_config
-    from sam2_peft.models import load_sam2
-    from sam2_peft.prediction import save_label_map
-
-    parser = build_data_parser("sam2-peft segment", COMMANDS["segment"])
-    parser.add_argument("--model", required=True, help="Hub id, local folder, official .pt, or tiny-random")
-    parser.add_argument("--adapter", default=None, help="a run's final/ folder or an adapter on the Hub")
-    parser.add_argument("--image", required=True)
-    parser.add_argument("--output", required=True, help="16-bit label-map PNG (mask i has value i + 1); "
-                                                        "OUT_overlay.png is written beside it")
-    _add_generator_flags(parser)
-    _add_hub_kernels_flag(parser)
-    data, parsed = parse_data_args(parser, args)
-    model = load_sam2(parsed.model, hub_kernels=parsed.hub_kernels)
-    if parsed.adapter is not None:
-        model = load_adapter(model, parsed.adapter)
-    config = resolve_data_config(data, adapter_preprocessing(model) if parsed.adapter else None,
-                                 where=f"--adapter {parsed.adapter}")
-    pixels = load_pixels(parsed.image, config.intensity_config())
-    masks = generate_masks(model, pixels, **_generator_options(parsed))
-    labels = label_map(masks, pixels.shape[-2:])
-    path = save_label_map(labels, parsed.output)
-    overlay = save_overlay(pixels, labels, path.with_name(f"{path.stem}_overlay.png"))
-    print(f"{len(masks)} mask(s), {int((labels > 0).sum())} pixels labelled; wrote {path} and {overlay}")
-
-
-def _demo(args: list[str]) -> None:
-    from sam2_peft.demo import main as demo_main
-
-    demo_main(args)
-
-
-# The point-grid generator's flags (`segment`, `eval --prompt everything`) and their defaults, as SAM's.
-GENERATOR_FLAGS = {
-    "points_per_side": (int, 32, "grid points per side (points_per_side^2 click prompts)"),
-    "points_per_batch": (int, 64, "prompts per decoder run (memory)"),
-    "pred_iou_thresh": (float, 0.88, "keep masks whose predicted IoU is above this"),
-    "stability_score_thresh": (float, 0.95, "keep masks at least this stable"),
-    "stability_score_offset": (float, 1.0, "logit offset of the stability score"),
-    "box_nms_thresh": (float, 0.7, "box IoU above which duplicate masks are dropped"),
-    "min_mask_region_area": (int, 0, "fill holes and drop islands under this many pixels (needs scipy); 0: off"),
-}
-
-
-def _add_generator_flags(parser: argparse.ArgumentParser) -> None:
-    for name, (kind, default, text) in GENERATOR_FLAGS.items():
-        parser.add_argument(f"--{name}", type=kind, default=default, help=text)
-
-
-def _generator_options(parsed: argparse.Namespace) -> dict:
-    return {name: getattr(parsed, name) for name in GENERATOR_FLAGS}
-
-
-def _add_hub_kernels_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--hub_kernels", action="store_true",
-        help="let transformers download compiled kernels from the Hub (kernels-community/*) and swap them in on "
-             "CUDA; off: plain PyTorch layers, nothing fetched at run time",
-    )
-
-
 HANDLERS = {
     "train": _train,
     "eval": _eval,
@@ -329,11 +212,8 @@ HANDLERS = {
     "merge": _merge,
     "push": _push,
     "convert": _convert,
-    "export": _export,
     "data": _data,
-    "predict": _predict,
-    "segment": _segment,
-    "demo": _demo,
+    **inference_commands.HANDLERS,
 }
 
 

@@ -18,17 +18,20 @@ from transformers import HfArgumentParser
 
 from sam2_peft.data.config import DataConfig, parse_strictly, read_yaml_fields
 from sam2_peft.errors import ConfigError
-from sam2_peft.strategies import NON_PEFT_STRATEGIES, PEFT_STRATEGIES
+from sam2_peft.strategies import NON_PEFT_STRATEGIES, PEFT_STRATEGIES, VIDEO_STRATEGIES
 
 # Learning rates that work for each strategy on SAM2 (the more of the network trains, the gentler the step).
-DEFAULT_LEARNING_RATES = {"decoder": 1e-4, "partial": 3e-5, "full": 1e-5, "peft": 1e-4}
+DEFAULT_LEARNING_RATES = {"decoder": 1e-4, "partial": 3e-5, "full": 1e-5, "memory": 3e-5, "peft": 1e-4}
 
 
+# The validation metrics each task reports (higher is better).
+EVAL_METRICS = {"image": ("dice", "iou"), "video": ("dice", "j", "f", "j_and_f")}
 # The config fields that only some strategies read.
 STRATEGY_OPTIONS = {
     "decoder": {"train_prompt_encoder"},
     "partial": {"num_blocks", "blocks", "train_neck", "train_prompt_encoder"},
     "full": set(),
+    "memory": {"train_prompt_encoder"},
     "peft": {"targets", "blocks", "lora_r", "lora_alpha", "lora_dropout", "decoder_mode"},
 }
 
@@ -42,12 +45,12 @@ class TrainConfig(DataConfig):
     """Everything a fine-tuning run needs: the shared `DataConfig` fields and these; see each field's help."""
 
     # Model and strategy
-    model: str = _help("Hub id (SAM2, facebook/sam3's tracker, EdgeTAM), local HF folder, official .pt checkpoint, or a tiny random preset: tiny-random, tiny-random-sam3-tracker, tiny-random-edgetam.", default="facebook/sam2.1-hiera-tiny")
+    model: str = _help("Hub id (SAM2, facebook/sam3's tracker, EdgeTAM), local HF folder, official .pt checkpoint, or a tiny random preset: tiny-random, tiny-random-sam3-tracker, tiny-random-edgetam, tiny-random-video (task video loads the video model).", default="facebook/sam2.1-hiera-tiny")
     revision: str | None = _help("Hub branch, tag or commit of `model` to pin.", default=None)
     sam2_config: str | None = _help("Official config name for a .pt `model` (e.g. sam2.1_hiera_t); guessed if unset.", default=None)
-    strategy: str = _help("decoder | partial | full | lora | dora | another PEFT tuner name (loha, lokr, ia3, ...).", default="lora")
+    strategy: str = _help("decoder | partial | full | memory (task video: memory attention, memory encoder, object pointers + decoder) | lora | dora | another PEFT tuner name (loha, lokr, ia3, ...).", default="lora")
     num_blocks: int | None = _help("partial: train the last N Hiera blocks (plus the decoder).", default=None)
-    targets: str = _help("PEFT target presets joined by '+': trunk.qkv, trunk.attn, trunk.mlp, trunk.all, decoder.attn, decoder.all (EdgeTAM's CNN trunk has no attention: trunk.mlp).", default="trunk.qkv")
+    targets: str = _help("PEFT target presets joined by '+': trunk.qkv, trunk.attn, trunk.mlp, trunk.all, decoder.attn, decoder.all, and for task video memory.attn, memory.all (EdgeTAM's CNN trunk has no attention: trunk.mlp).", default="trunk.qkv")
     blocks: str | None = _help("Hiera blocks to adapt (PEFT) or train (partial): 'last:4', 'first:2' or '0,3,5'.", default=None)
     lora_r: int = _help("Adapter rank: higher fits more, costs more memory and a bigger file.", default=8)
     lora_alpha: float | None = _help("Adapter scale numerator (scale = alpha / r); default 2 * lora_r.", default=None)
@@ -59,19 +62,20 @@ class TrainConfig(DataConfig):
 
     # Data (beyond the `DataConfig` fields: source, columns, splits, intensities, masks)
     augment: bool = _help("Joint augmentation (crop, flips, 90-degree rotations, intensity) on the training set.", default=True)
-    max_objects_per_image: int = _help("Cap on objects per image per step (a seeded random subset); bounds decoder memory.", default=8)
+    max_objects_per_image: int = _help("Cap on objects per image (video: per clip) per step (a seeded random subset); bounds decoder memory.", default=8)
 
     # Prompts
     box_probability: float = _help("Chance that an object is prompted with a (jittered) box rather than clicks.", default=0.5)
     box_jitter: float = _help("Box corner noise as a fraction of the box side.", default=0.1)
     num_points: int = _help("Positive clicks for point-prompted objects.", default=1)
-    correction_rounds: int = _help("Extra rounds per step with a click sampled from the error of the previous prediction.", default=0)
+    correction_rounds: int = _help("Extra rounds per step with a click sampled from the error of the previous prediction (video: on the first frame and on each correction frame).", default=0)
+    correction_frames: int = _help("task video: tracked frames per clip (sampled) that also get correction_rounds clicks and then serve as prompted memories, as official SAM2 training.", default=1)
 
     # Optimisation
     output_dir: str = _help("Where final/, metrics.json, checkpoints/ and plots go.", default="runs/sam2-peft")
     max_steps: int | None = _help("Optimiser steps to run; overrides num_epochs when set.", default=None)
     num_epochs: int = _help("Passes over the training set (when max_steps is unset).", default=10)
-    batch_size: int = _help("Images per device per step (each with up to max_objects_per_image objects).", default=4)
+    batch_size: int = _help("Images (task video: clips) per device per step (each with up to max_objects_per_image objects).", default=4)
     gradient_accumulation_steps: int = _help("Micro-batches per optimiser step.", default=1)
     learning_rate: float | None = _help("Peak learning rate; default per strategy: decoder 1e-4, partial 3e-5, full 1e-5, PEFT 1e-4.", default=None)
     weight_decay: float = _help("AdamW weight decay.", default=1e-2)
@@ -97,7 +101,7 @@ class TrainConfig(DataConfig):
 
     # Evaluation, checkpoints, logging
     eval_steps: int | None = _help("Validate every N optimiser steps; default once per epoch.", default=None)
-    eval_metric: str = _help("Validation metric for early stopping and the best checkpoint: dice or iou.", default="dice")
+    eval_metric: str = _help("Validation metric for early stopping and the best checkpoint: dice or iou (task video: dice, j, f or j_and_f).", default="dice")
     early_stopping_patience: int | None = _help("Stop after N validations without improvement; unset = never.", default=None)
     checkpoint_steps: int | None = _help("Save resumable state every N steps; default at every validation.", default=None)
     checkpoint_total_limit: int = _help("Resumable checkpoints kept in output_dir/checkpoints.", default=2)
@@ -111,19 +115,24 @@ class TrainConfig(DataConfig):
         # adapter it writes records them.
         for name, value in dataclasses.asdict(self.data_config().resolved()).items():
             setattr(self, name, value)
-        known = NON_PEFT_STRATEGIES + PEFT_STRATEGIES
+        known = NON_PEFT_STRATEGIES + VIDEO_STRATEGIES + PEFT_STRATEGIES
         if self.strategy not in known:
             raise ConfigError(f"`--strategy {self.strategy}` is unknown; choose one of {', '.join(known)}.")
+        if self.strategy in VIDEO_STRATEGIES and self.task != "video":
+            raise ConfigError(f"`--strategy {self.strategy}` trains SAM2's video memory; add `--task video` (clips, not images).")
         if self.strategy == "partial" and self.num_blocks is None and self.blocks is None:
             raise ConfigError("`--strategy partial` needs `--num_blocks N` (the last N Hiera blocks) or `--blocks`.")
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise ConfigError(f"`--mixed_precision {self.mixed_precision}` is unknown; use no, bf16 or fp16.")
         if self.decoder_mode not in ("frozen", "full", "adapter"):
             raise ConfigError(f"`--decoder_mode {self.decoder_mode}` is unknown; use frozen, full or adapter.")
-        if self.eval_metric not in ("dice", "iou"):
-            raise ConfigError(f"`--eval_metric {self.eval_metric}` is unknown; use dice or iou.")
+        metrics = EVAL_METRICS[self.task]
+        if self.eval_metric not in metrics:
+            raise ConfigError(f"`--eval_metric {self.eval_metric}` is unknown for --task {self.task}; use {' or '.join(metrics)}.")
         if self.report_to not in ("none", "tensorboard", "wandb", "all"):
             raise ConfigError(f"`--report_to {self.report_to}` is unknown; use none, tensorboard, wandb or all.")
+        if self.correction_frames < 0:
+            raise ConfigError(f"`--correction_frames` must be >= 0, got {self.correction_frames}.")
         for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "max_objects_per_image", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"`--{name}` must be at least 1, got {getattr(self, name)}.")
@@ -144,7 +153,7 @@ class TrainConfig(DataConfig):
         if not 0 <= self.box_probability <= 1:
             raise ConfigError(f"`--box_probability` must be in [0, 1], got {self.box_probability}.")
         if self.learning_rate is None:
-            group = self.strategy if self.strategy in NON_PEFT_STRATEGIES else "peft"
+            group = self.strategy if self.strategy in NON_PEFT_STRATEGIES + VIDEO_STRATEGIES else "peft"
             self.learning_rate = DEFAULT_LEARNING_RATES[group]
 
     def ignored_options(self) -> list[str]:
@@ -172,7 +181,7 @@ class TrainConfig(DataConfig):
 
     def strategy_options(self) -> dict:
         """The options `apply_strategy` takes for this config's strategy."""
-        if self.strategy == "decoder":
+        if self.strategy in ("decoder", "memory"):
             return {"train_prompt_encoder": self.train_prompt_encoder}
         if self.strategy == "partial":
             selection = {"num_blocks": self.num_blocks} if self.num_blocks is not None else {"blocks": self.block_selection()}

@@ -22,27 +22,22 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from sam2_peft.caching import CachePlan, plan_cache, preprocessing_key
 from sam2_peft.checkpoints import final_model, resume, save_checkpoint, save_trainable, write_json
 from sam2_peft.config import TrainConfig
-from sam2_peft.data import AugmentConfig, Preprocessor, PromptConfig, SegmentationDataset, collate_objects
 from sam2_peft.errors import ConfigError, OutputExistsError
 from sam2_peft.hub import save_adapter, write_preprocessing
-from sam2_peft.interactive import InteractiveSegmenter
 from sam2_peft.memory import enable_gradient_checkpointing
 from sam2_peft.models import load_sam2, model_fingerprint
 from sam2_peft.reports import plot_history
 from sam2_peft.strategies import apply_strategy, trainable_summary
+from sam2_peft.tasks import TASKS, RunParts
 from sam2_peft.training import (
     LossWindow,
     TrainState,
     build_optimizer,
     build_scheduler,
-    compute_loss,
     initialise_optimizer_state,
-    loss_weights,
     peak_memory_mb,
-    validate,
 )
 
 logger = logging.getLogger(__name__)
@@ -64,7 +59,7 @@ def finetune(cfg: TrainConfig) -> dict:
         set_seed(cfg.seed)
         cfg = record_config(accelerator, cfg)
         with accelerator.main_process_first():
-            splits = cfg.load_splits(seed=cfg.seed)
+            splits = TASKS[cfg.task].load_splits(cfg)
         model, base_fingerprint = build_model(accelerator, cfg)
         run = build_run(accelerator, cfg, splits, model, base_fingerprint)
         start_or_resume(run)
@@ -121,7 +116,8 @@ def record_config(accelerator: Accelerator, cfg: TrainConfig) -> TrainConfig:
 
 def build_model(accelerator: Accelerator, cfg: TrainConfig):
     """Load the base, apply the strategy (and checkpointing); returns the model and the base's fingerprint."""
-    model = load_sam2(cfg.model, revision=cfg.revision, sam2_config=cfg.sam2_config, hub_kernels=cfg.hub_kernels)
+    model = load_sam2(cfg.model, revision=cfg.revision, sam2_config=cfg.sam2_config, hub_kernels=cfg.hub_kernels,
+                      video=cfg.task == "video")
     base_fingerprint = model_fingerprint(model)
     model = apply_strategy(model, cfg.strategy, **cfg.strategy_options())
     if accelerator.is_main_process:
@@ -141,15 +137,13 @@ class Run:
 
     cfg: TrainConfig
     accelerator: Accelerator
+    task: object  # `tasks.ImageTask` or `tasks.VideoTask`: what differs between image and video runs
+    parts: RunParts  # the task's datasets and caches
     model: torch.nn.Module  # the strategy's model (PEFT or plain), inside `module`
-    module: torch.nn.Module  # the prepared `InteractiveSegmenter`
+    module: torch.nn.Module  # the prepared `InteractiveSegmenter` (images) or `ClipSegmenter` (video)
     base_fingerprint: str
-    train_set: SegmentationDataset
     train_loader: DataLoader
     val_loader: DataLoader
-    plan: CachePlan
-    train_cache: object
-    val_cache: object
     optimizer: torch.optim.Optimizer
     scheduler: object
     total_steps: int
@@ -173,39 +167,22 @@ def build_run(accelerator: Accelerator, cfg: TrainConfig, splits, model, base_fi
             f"--data {cfg.data}: no validation split, and none could be held out (--val_fraction {cfg.val_fraction}, "
             f"{len(splits['train'])} training rows); add a val/ split or raise --val_fraction."
         )
-    module = InteractiveSegmenter(model)
-    if cfg.compile:
-        module.segmenter.compile_decoder()
-    preprocessor = Preprocessor.from_model(model)
-    common = dict(mask_type=cfg.mask_type, num_classes=cfg.num_classes, min_object_area=cfg.min_object_area,
-                  max_objects_per_image=cfg.max_objects_per_image, intensity=cfg.intensity_config(), seed=cfg.seed)
-    prompts = PromptConfig(box_prob=cfg.box_probability, box_noise=cfg.box_jitter, num_positive=cfg.num_points)
-    train_set = SegmentationDataset(splits["train"], preprocessor, keep_empty_images=cfg.keep_empty_images,
-                                    augment=AugmentConfig() if cfg.augment else None, prompts=prompts, split="train",
-                                    skipped=splits.skipped["train"], **common)
-    val_set = SegmentationDataset(splits["val"], preprocessor, prompts="box", split="val",
-                                  skipped=splits.skipped["val"], **common)
-    plan = plan_cache(model, changes_pixels=train_set.changes_pixels, enabled=cfg.cache_features,
-                      num_views=cfg.cache_views, num_images=len(train_set))
-    accelerator.print(plan.message)
-    if plan.kind is not None and train_set.changes_pixels:
-        train_set.augment_views = plan.num_views
-    loader_options = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_objects)
-    train_loader = DataLoader(train_set, shuffle=True, **loader_options)
-    val_loader = DataLoader(val_set, shuffle=False, **loader_options)
+    task = TASKS[cfg.task]
+    parts = task.build(cfg, model, splits, base_fingerprint, accelerator)
+    accelerator.print(parts.message)
+    loader_options = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=parts.collate)
+    train_loader = DataLoader(parts.train_set, shuffle=True, **loader_options)
+    val_loader = DataLoader(parts.val_set, shuffle=False, **loader_options)
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
-    module, optimizer, train_loader, val_loader = accelerator.prepare(module, optimizer, train_loader, val_loader)
+    module, optimizer, train_loader, val_loader = accelerator.prepare(parts.module, optimizer, train_loader, val_loader)
     initialise_optimizer_state(optimizer)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
     scheduler = accelerator.prepare(build_scheduler(optimizer, total_steps, cfg.warmup_ratio, accelerator.num_processes))
     eval_steps = cfg.eval_steps or steps_per_epoch
     return Run(
-        cfg=cfg, accelerator=accelerator, model=model, module=module, base_fingerprint=base_fingerprint,
-        train_set=train_set, train_loader=train_loader, val_loader=val_loader, plan=plan,
-        train_cache=plan.build(base_fingerprint, preprocessing_key(train_set), directory=cfg.cache_dir),
-        val_cache=plan.build(base_fingerprint, preprocessing_key(val_set), directory=cfg.cache_dir),
-        optimizer=optimizer, scheduler=scheduler, total_steps=total_steps, eval_steps=eval_steps,
+        cfg=cfg, accelerator=accelerator, task=task, parts=parts, model=model, module=module,
+        base_fingerprint=base_fingerprint, train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps, eval_steps=eval_steps,
         checkpoint_steps=cfg.checkpoint_steps or eval_steps,
     )  # fmt: skip
 
@@ -228,7 +205,7 @@ def start_or_resume(run: Run) -> None:
     if run.state.step == 0 and not run.state.history:
         baseline = _validate(run, correction_rounds=0)  # the untrained model on the first prompts alone
         run.state.history.append({"step": 0, **baseline})
-        accelerator.print(f"Before training: dice {baseline['dice']:.4f}, iou {baseline['iou']:.4f}")
+        accelerator.print(f"Before training: {_format_scores(baseline)}")
 
 
 def train(run: Run) -> None:
@@ -243,7 +220,8 @@ def train(run: Run) -> None:
         for batch in epoch_batches(run):
             losses = train_step(run, batch)
             state.batches_in_epoch += 1
-            window.add(losses, images=len(batch["image_ids"]) * accelerator.num_processes)
+            images, clips = run.task.num_images(batch)
+            window.add(losses, images=images * accelerator.num_processes, clips=clips * accelerator.num_processes)
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
@@ -266,10 +244,9 @@ def train(run: Run) -> None:
 def epoch_batches(run: Run):
     """This epoch's remaining batches (a resumed run skips those it trained on), with cached features attached."""
     run.train_loader.set_epoch(run.state.epoch)
-    run.train_set.set_epoch(run.state.epoch)
+    run.parts.train_set.set_epoch(run.state.epoch)
     for batch in run.accelerator.skip_first_batches(run.train_loader, run.state.batches_in_epoch):
-        if run.train_cache is not None:
-            _attach_cache(run, batch, run.train_cache, run.plan.view(run.state.epoch))
+        run.task.prepare_batch(run, batch)
         yield batch
 
 
@@ -283,13 +260,13 @@ def train_step(run: Run, batch: dict) -> dict[str, torch.Tensor] | None:
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     with accelerator.accumulate(run.module), torch.random.fork_rng(devices=devices):
         torch.manual_seed(step_seed)
-        clicks = torch.Generator(device=batch["masks"].device).manual_seed(step_seed)
+        clicks = torch.Generator(device=accelerator.device).manual_seed(step_seed)
+        local_objects = torch.tensor([float(run.task.num_objects(batch))], device=accelerator.device)
         # accelerate autocasts the forward of DDP models but not of FSDP2 ones (mixed precision is a sharding policy
         # there), and SAM2 mixes fp32 buffers into its activations: autocast explicitly.
         with accelerator.autocast():
-            outputs = run.module(batch, correction_rounds=cfg.correction_rounds, generator=clicks)
-        local_objects = torch.tensor([float(len(batch["image_index"]))], device=accelerator.device)
-        losses = compute_loss(outputs, batch, loss_weights(cfg), accelerator.gather(local_objects).mean())
+            outputs = run.task.forward(run, batch, clicks)
+        losses = run.task.loss(outputs, batch, run.cfg, accelerator.gather(local_objects).mean())
         finite = bool(accelerator.gather(torch.isfinite(losses["loss"].detach())[None]).all())
         if finite:
             accelerator.backward(losses["loss"])
@@ -341,7 +318,7 @@ def evaluate_and_maybe_stop(run: Run) -> bool:
     scores = _validate(run, cfg.correction_rounds)
     state.history.append({"step": state.step, **scores})
     accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=state.step)
-    accelerator.print(f"step {state.step}: val dice {scores['dice']:.4f}, iou {scores['iou']:.4f}")
+    accelerator.print(f"step {state.step}: val {_format_scores(scores)}")
     if state.record_eval(scores[cfg.eval_metric]):
         save_trainable(accelerator, run.module, run.best_path, state.step)
         if accelerator.is_main_process:
@@ -369,6 +346,8 @@ def save_outputs(run: Run) -> dict:
         "nonfinite_steps": state.nonfinite_total,
         "throughput": {
             "images_per_s": sum(row["images_per_s"] for row in train_rows) / len(train_rows) if train_rows else None,
+            **({"clips_per_s": sum(row["clips_per_s"] for row in train_rows) / len(train_rows)}
+               if train_rows and "clips_per_s" in train_rows[0] else {}),
             "peak_memory_mb": max((row["peak_memory_mb"] for row in train_rows), default=None),
         },
     }
@@ -382,10 +361,11 @@ def save_outputs(run: Run) -> dict:
     return metrics
 
 
+def _format_scores(scores: dict[str, float]) -> str:
+    """`dice 0.81, iou 0.70` (images) or `j_and_f 0.77, dice 0.80` (video), for the console."""
+    shown = ("j_and_f", "dice") if "j_and_f" in scores else ("dice", "iou")
+    return ", ".join(f"{name} {scores[name]:.4f}" for name in shown)
+
+
 def _validate(run: Run, correction_rounds: int) -> dict[str, float]:
-    attach = None if run.val_cache is None else (lambda batch: _attach_cache(run, batch, run.val_cache))
-    return validate(run.module, run.val_loader, run.accelerator, correction_rounds, attach, run.cfg.seed)
-
-
-def _attach_cache(run: Run, batch: dict, cache, view: int = 0) -> None:
-    cache.attach(run.accelerator.unwrap_model(run.module).segmenter, batch, view)
+    return run.task.validate(run, correction_rounds)

@@ -177,14 +177,17 @@ class LossWindow:
         self.state = state
         self.sums: dict[str, torch.Tensor] = {}
         self.images = 0
+        self.clips = 0
         self.start = time.perf_counter()
 
     @property
     def count(self) -> int:
         return self.state.window_count
 
-    def add(self, losses: dict[str, torch.Tensor] | None, images: int) -> None:
+    def add(self, losses: dict[str, torch.Tensor] | None, images: int, clips: int = 0) -> None:
+        """Count a micro-batch: its loss terms (None for a skipped one), its images (video: frames) and clips."""
         self.images += images
+        self.clips += clips
         if losses is None:
             return
         self.state.window_count += 1
@@ -200,14 +203,18 @@ class LossWindow:
         self.state.window_sums.update({name: float(total) for name, total in self.sums.items()})
 
     def flush(self) -> dict[str, float]:
-        """The mean of each term and the images per second since the last flush; starts a new window."""
+        """The mean of each term and the images (video: frames, and clips) per second since the last flush; starts a
+        new window."""
         self.save()
         # The total as `loss`, each term as `<term>_loss` (a validation row's `dice` is the metric).
         row = {name if name == "loss" else f"{name}_loss": total / self.count
                for name, total in self.state.window_sums.items()}
-        row["images_per_s"] = self.images / (time.perf_counter() - self.start)
+        elapsed = time.perf_counter() - self.start
+        row["images_per_s"] = self.images / elapsed
+        if self.clips:
+            row["clips_per_s"] = self.clips / elapsed
         self.state.window_sums, self.state.window_count = {}, 0
-        self.sums, self.images, self.start = {}, 0, time.perf_counter()
+        self.sums, self.images, self.clips, self.start = {}, 0, 0, time.perf_counter()
         return row
 
 

@@ -4,6 +4,7 @@
     save_adapter(model, "runs/lora/final", base_model_name_or_path="facebook/sam2.1-hiera-tiny", strategy="lora")
     push_adapter("runs/lora/final", "me/sam2-lora-ct", private=True)
     model = load_adapter(load_sam2("facebook/sam2.1-hiera-tiny"), "me/sam2-lora-ct", revision="main")
+    model = load_adapted("facebook/sam2.1-hiera-tiny", "runs/video/final")   # the base (image or video) it needs
 
 On disk (fixed formats): PEFT strategies write a standard PEFT folder (`adapter_config.json`,
 `adapter_model.safetensors`, `README.md`); decoder/partial/full write `trained_tensors.safetensors`; both add
@@ -20,9 +21,10 @@ from sam2_peft.hub.files import (
     atomic_folder,
     base_fingerprint,
     check_file_name,
+    image_fingerprint,
     resolve_adapter,
 )
-from sam2_peft.hub.load import AdapterMismatchError, check_compatible, load_adapter
+from sam2_peft.hub.load import AdapterMismatchError, check_compatible, load_adapted, load_adapter, requires_video_model
 from sam2_peft.hub.preprocessing import (
     AdapterPreprocessing,
     PreprocessingError,
@@ -48,10 +50,13 @@ __all__ = [
     "build_model_card",
     "check_compatible",
     "check_file_name",
+    "image_fingerprint",
+    "load_adapted",
     "load_adapter",
     "predict",
     "push_adapter",
     "read_preprocessing",
+    "requires_video_model",
     "resolve_adapter",
     "resolve_data_config",
     "save_adapter",

@@ -77,7 +77,7 @@ def test_video_lora_adapter_loads_with_plain_peft_and_only_on_the_video_model(tm
     assert not torch.equal(reference[1:], track(video_model())[1:])  # the memory adapter changes the tracked frames
     # The base read from safetensors lies unaligned in memory (views into the file's buffer), which changes CPU GEMM
     # rounding in the last bits; re-aligned, the outputs are bit-identical.
-    torch.testing.assert_close(track(plain), reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(track(plain), reference, rtol=0, atol=1e-4)
     with torch.no_grad():
         for param in plain.parameters():
             param.data = param.data.clone()

@@ -13,10 +13,10 @@ from sam2_peft.config import parse_config  # noqa: E402
 from sam2_peft.finetune import finetune  # noqa: E402
 from sam2_peft.segmenter import base_sam2  # noqa: E402
 
-import sam2_peft.finetune as finetune_module  # noqa: E402
+import sam2_peft.tasks as tasks_module  # noqa: E402
 
 captured = {}
-original = finetune_module.InteractiveSegmenter
+original = tasks_module.InteractiveSegmenter
 
 
 class Recording(original):
@@ -25,7 +25,7 @@ class Recording(original):
         captured["model"] = model
 
 
-finetune_module.InteractiveSegmenter = Recording
+tasks_module.InteractiveSegmenter = Recording
 cfg = parse_config(sys.argv[1:])
 finetune(cfg)
 rank = PartialState().process_index

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 import sam2_peft.data.config as data_config
 import sam2_peft.finetune as finetune_module
+import sam2_peft.tasks as tasks_module
 from sam2_peft.finetune import finetune
 from sam2_peft.training import COMPLETE_MARKER, latest_checkpoint
 
@@ -63,7 +64,7 @@ def test_early_stopping_restores_the_best_weights(tmp_path, monkeypatch):
         value = next(scripted)
         return {"dice": value, "iou": value, "precision": value, "recall": value, "num_objects": 1}
 
-    monkeypatch.setattr(finetune_module, "validate", fake_validate)
+    monkeypatch.setattr(tasks_module, "validate", fake_validate)
     cfg = tiny_config(tmp_path, strategy="decoder", max_steps=10, eval_steps=1, early_stopping_patience=2,
                       learning_rate=1e-3, checkpoint_steps=1)
     metrics = finetune(cfg)
@@ -81,7 +82,7 @@ def test_early_stopping_restores_the_best_weights(tmp_path, monkeypatch):
 
 
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
-    real = finetune_module.compute_loss
+    real = tasks_module.compute_loss
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
@@ -89,11 +90,11 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
         losses = real(*args, **kwargs)
         return {**losses, "loss": losses["loss"] * math.nan} if calls["n"] == 2 else losses
 
-    monkeypatch.setattr(finetune_module, "compute_loss", sometimes_nan)
+    monkeypatch.setattr(tasks_module, "compute_loss", sometimes_nan)
     metrics = finetune(tiny_config(tmp_path / "one", strategy="decoder"))
     assert metrics["nonfinite_steps"] == 1 and metrics["steps"] == 4
 
-    monkeypatch.setattr(finetune_module, "compute_loss", lambda *a, **k: {"loss": torch.tensor(math.inf, requires_grad=True)})
+    monkeypatch.setattr(tasks_module, "compute_loss", lambda *a, **k: {"loss": torch.tensor(math.inf, requires_grad=True)})
     with pytest.raises(RuntimeError, match="3 non-finite losses in a row \\(--max_nonfinite_steps 3\\)"):
         finetune(tiny_config(tmp_path / "all", strategy="decoder", max_nonfinite_steps=3))
 
@@ -172,7 +173,7 @@ def test_resuming_a_finished_run_trains_nothing_and_rewrites_the_same_results(tm
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(finetune_module, "compute_loss", no_training)
+    monkeypatch.setattr(tasks_module, "compute_loss", no_training)
     again = finetune(tiny_config(tmp_path, strategy="decoder", eval_steps=2, checkpoint_steps=3,
                                  resume_from_checkpoint="latest"))
     assert again == first
@@ -190,7 +191,7 @@ def test_resuming_an_early_stopped_run_trains_nothing(tmp_path, monkeypatch):
     cfg = dict(strategy="decoder", learning_rate=0.0, eval_steps=1, early_stopping_patience=1, checkpoint_steps=100)
     first = finetune(tiny_config(tmp_path, **cfg))
     assert first["steps"] == 2
-    monkeypatch.setattr(finetune_module, "compute_loss", lambda *a, **k: pytest.fail("an early-stopped run resumed"))
+    monkeypatch.setattr(tasks_module, "compute_loss", lambda *a, **k: pytest.fail("an early-stopped run resumed"))
     assert finetune(tiny_config(tmp_path, resume_from_checkpoint="latest", **cfg)) == first
 
 

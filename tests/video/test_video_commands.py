@@ -1,0 +1,159 @@
+"""`sam2-peft track`, `eval --task video` and `train --task video` end to end on the tiny video preset."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Sam2ImageProcessor, Sam2VideoProcessor
+from transformers.models.sam2_video.video_processing_sam2_video import Sam2VideoVideoProcessor
+
+from sam2_peft import finetune
+from sam2_peft.checkpoints import save_checkpoint
+from sam2_peft.cli import main
+from sam2_peft.data.clip_frames import read_video
+from sam2_peft.errors import ConfigError
+from sam2_peft.hub import load_adapted, requires_video_model
+from sam2_peft.models import load_sam2
+from sam2_peft.video.tracking import track_video
+
+from test_video_segmenter import moving_blobs
+
+SAMPLE = str(Path(__file__).resolve().parents[2] / "examples" / "data_video")
+BOXES = [(50, 40, 120, 100), (150, 120, 210, 180)]
+
+
+@pytest.fixture(scope="module")
+def frame_folder(tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
+    folder = tmp_path_factory.mktemp("video") / "clip"
+    folder.mkdir()
+    frames = moving_blobs(6)
+    for t, frame in enumerate(frames):
+        PIL.Image.fromarray(frame).save(folder / f"img{t + 1}.png")  # natural order: img1 ... img6
+    return folder, frames
+
+
+def transformers_labels(frames: list[np.ndarray], boxes, start: int) -> np.ndarray:
+    """Label maps from transformers alone: `Sam2VideoModel` tracking and `Sam2VideoProcessor`'s pre/post-processing."""
+    model = load_sam2("tiny-random-video", video=True)
+    processor = Sam2VideoProcessor(
+        image_processor=Sam2ImageProcessor(size={"height": 256, "width": 256}, mask_size={"height": 64, "width": 64}),
+        video_processor=Sam2VideoVideoProcessor(size={"height": 256, "width": 256}),
+    )
+    session = processor.init_video_session(video=frames, inference_device="cpu")
+    processor.add_inputs_to_inference_session(session, frame_idx=start, obj_ids=[1, 2],
+                                              input_boxes=[[list(box) for box in boxes]])
+    labels = np.zeros((len(frames), *frames[0].shape[:2]), np.uint16)
+    for output in model.propagate_in_video_iterator(session, start_frame_idx=start):
+        masks = processor.post_process_masks([output.pred_masks], original_sizes=[frames[0].shape[:2]])[0]
+        for index, mask in enumerate(masks[:, 0].numpy()):
+            labels[output.frame_idx][mask] = index + 1
+    return labels
+
+
+def test_track_writes_label_maps_equal_to_transformers(frame_folder, tmp_path):
+    folder, frames = frame_folder
+    boxes = [",".join(str(v) for v in box) for box in BOXES]
+    main(["track", "--model", "tiny-random-video", "--video", str(folder), "--box", boxes[0], "--box", boxes[1],
+          "--frame", "1", "--output", str(tmp_path / "out")])
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["img1.png", "img2.png", "img3.png", "img4.png", "img5.png", "img6.png", "overlay.png"]
+    ours = np.stack([np.asarray(PIL.Image.open(tmp_path / "out" / f"img{t + 1}.png")) for t in range(6)])
+    reference = transformers_labels(frames, BOXES, start=1)
+    assert not ours[0].any()  # before the prompted frame
+    assert set(np.unique(ours[1:])) == {0, 1, 2}
+    # The same masks but where our resize of the frames (torch, as Sam2ImageProcessor) and the video processor's
+    # (torchvision) round a pixel differently.
+    assert (ours == reference).mean() > 0.999
+
+
+def test_track_api_takes_arrays_like_the_folder(frame_folder):
+    folder, frames = frame_folder
+    model = load_sam2("tiny-random-video", video=True)
+    from_arrays = track_video(model, frames, boxes=BOXES, frame=1, progress=False)
+    from_folder = track_video(model, folder, boxes=BOXES, frame=1, progress=False)
+    np.testing.assert_array_equal(from_arrays.labels, from_folder.labels)
+    assert from_folder.frame_names == [f"img{t + 1}" for t in range(6)]
+    with pytest.raises(ValueError, match="--frame 6 is outside"):
+        track_video(model, frames, boxes=BOXES, frame=6)
+
+
+def test_track_refuses_a_malformed_box(frame_folder, tmp_path):
+    with pytest.raises(ConfigError, match=r"--box 1,2,3: expected 4 comma-separated numbers"):
+        main(["track", "--model", "tiny-random-video", "--video", str(frame_folder[0]), "--box", "1,2,3",
+              "--output", str(tmp_path)])
+
+
+@pytest.fixture(scope="module")
+def video_run(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("run")
+    main(["train", "--model", "tiny-random-video", "--task", "video", "--data", SAMPLE, "--strategy", "lora",
+          "--targets", "trunk.qkv+memory.attn", "--max_steps", "2",
+          "--batch_size", "2", "--clip_length", "4", "--eval_steps", "2", "--logging_steps", "1", "--learning_rate", "1e-3",
+          "--output_dir", str(output)])
+    return output
+
+
+def test_video_training_writes_a_video_adapter_and_logs_every_term(video_run):
+    metrics = json.loads((video_run / "metrics.json").read_text())
+    assert {"j", "f", "j_and_f", "dice"} <= set(metrics["best"])
+    assert metrics["throughput"]["clips_per_s"] > 0
+    history = json.loads((video_run / "history.json").read_text())["history"]
+    assert {"loss", "focal_loss", "dice_loss", "iou_loss", "object_score_loss"} <= set(history[1])
+    assert requires_video_model(video_run / "final")
+    tensors = load_file(video_run / "final" / "adapter_model.safetensors")
+    assert any(".memory_attention." in name for name in tensors)
+
+
+def test_video_eval_scores_equal_tracking_its_boxes(video_run, tmp_path):
+    """`eval --task video` scores what tracking the objects' boxes gives, computed here with numpy."""
+    main(["eval", "--task", "video", "--model", "tiny-random-video", "--adapter", str(video_run / "final"),
+          "--data", SAMPLE, "--output_dir", str(tmp_path)])
+    results = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"j", "f", "j_and_f", "dice"} <= set(results["fine_tuned"]) and "gain" in results
+    assert (tmp_path / "overlay_clip_val_000.png").is_file()
+
+    clip = Path(SAMPLE) / "val"
+    labels = np.stack([np.asarray(PIL.Image.open(p)) for p in sorted((clip / "masks" / "clip_val_000").iterdir())])
+    model = load_adapted("tiny-random-video", video_run / "final")
+    per_object = results["fine_tuned"]["per_object"]
+    for value in np.unique(labels[labels > 0]):
+        first = int(np.argmax((labels == value).any(axis=(1, 2))))
+        ys, xs = np.nonzero(labels[first] == value)
+        tracked = track_video(model, clip / "videos" / "clip_val_000", frame=first, progress=False,
+                              boxes=[(xs.min(), ys.min(), xs.max(), ys.max())]).labels == 1
+        truth = labels == value
+        union = (tracked | truth).sum(axis=(1, 2))
+        j = np.where(union == 0, 1.0, (tracked & truth).sum(axis=(1, 2)) / np.maximum(union, 1)).mean()
+        assert per_object[f"clip_val_000/{value}"]["j"] == pytest.approx(j, abs=1e-6)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_video_run_resumes_bit_identically(tmp_path, monkeypatch):
+    """Stopped after its first checkpoint and resumed, a video run ends with an uninterrupted run's weights."""
+    common = ["train", "--model", "tiny-random-video", "--task", "video", "--data", SAMPLE, "--strategy", "memory",
+              "--max_steps", "4", "--batch_size", "2", "--clip_length", "3", "--eval_steps", "2",
+              "--checkpoint_steps", "2", "--correction_rounds", "1", "--learning_rate", "1e-3", "--seed", "5"]
+    main([*common, "--output_dir", str(tmp_path / "straight")])
+
+    def save_then_stop(accelerator, state):
+        save_checkpoint(accelerator, state)
+        raise Interrupted
+
+    monkeypatch.setattr(finetune, "save_checkpoint", save_then_stop)
+    with pytest.raises(Interrupted):
+        main([*common, "--output_dir", str(tmp_path / "resumed")])
+    monkeypatch.undo()
+    main([*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])
+    straight = load_file(tmp_path / "straight" / "final" / "trained_tensors.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "final" / "trained_tensors.safetensors")
+    assert straight.keys() == resumed.keys() and any(name.startswith("memory_attention.") for name in straight)
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+    assert not torch.equal(straight["memory_attention.layers.0.self_attn.q_proj.weight"],
+                           load_sam2("tiny-random-video", video=True).state_dict()["memory_attention.layers.0.self_attn.q_proj.weight"])
