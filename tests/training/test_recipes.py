@@ -5,6 +5,7 @@ The first losses are regression numbers. Regenerate them with
 and paste the printed values into RECORDED_LOSSES (only after a deliberate change to the training math).
 """
 
+import dataclasses
 import importlib.util
 import json
 
@@ -20,6 +21,7 @@ RECORDED_LOSSES = {
     "decoder_only": [4.7102, 4.6677, 4.4782],
     "partial_unfreeze": [4.7102, 4.6677, 4.4728],
     "full_finetune": [4.7102, 4.6677, 4.5193],
+    "video_medical": [28.0207, 31.1201, 17.8913],  # summed over each clip's frames, prompt and correction click included
 }
 
 
@@ -49,3 +51,21 @@ def test_recipe_runs_end_to_end(name, tmp_path, request):
     if request.config.getoption("--print-losses"):
         print(f'"{name}": {losses},')
     assert losses == pytest.approx(RECORDED_LOSSES[name], rel=1e-3)
+
+
+def test_video_recipe_runs_end_to_end(tmp_path, request):
+    """The video recipe on the sample clips: prompts on each clip's first frame, the rest tracked."""
+    overrides = [
+        "--model", "tiny-random-video", "--data", str(REPO / "examples" / "data_video"), "--mask_type", "instance",
+        "--output_dir", str(tmp_path), "--max_steps", "3", "--batch_size", "2", "--clip_length", "4",
+        "--gradient_accumulation_steps", "1", "--eval_steps", "3", "--logging_steps", "1", "--seed", "0",
+    ]
+    cfg = parse_config(overrides, default_config=REPO / "recipes" / "configs" / "video_medical.yaml")
+    cfg = dataclasses.replace(cfg, ct_window=None, intensity="auto")  # the sample clips are 8-bit PNGs, not CT
+    metrics = load_recipe("video_medical").main(cfg)
+    assert metrics["steps"] == 3 and {"j", "f", "j_and_f", "dice"} <= set(metrics["best"])
+    history = json.loads((tmp_path / "history.json").read_text())["history"]
+    losses = [round(row["loss"], 4) for row in history if "loss" in row]
+    if request.config.getoption("--print-losses"):
+        print(f'"video_medical": {losses},')
+    assert losses == pytest.approx(RECORDED_LOSSES["video_medical"], rel=1e-3)
