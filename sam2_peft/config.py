@@ -18,6 +18,7 @@ from transformers import HfArgumentParser
 
 from sam2_peft.data.config import DataConfig, parse_strictly, read_yaml_fields
 from sam2_peft.errors import ConfigError
+from sam2_peft.speed import select_backend
 from sam2_peft.strategies import NON_PEFT_STRATEGIES, PEFT_STRATEGIES, VIDEO_STRATEGIES
 
 # Learning rates that work for each strategy on SAM2 (the more of the network trains, the gentler the step).
@@ -97,6 +98,7 @@ class TrainConfig(DataConfig):
     gradient_checkpointing: bool = _help("Recompute activations in backward: the trainable Hiera blocks (windowed ones in strips) and the mask decoder, objects_per_checkpoint objects at a time. Less memory, about a third more encoder compute and one more decoder forward.", default=False)
     checkpoint_strips: int = _help("With gradient_checkpointing: horizontal strips per windowed Hiera block, each its own checkpoint (1 = whole blocks); more strips hold less at once in backward.", default=4)
     objects_per_checkpoint: int = _help("With gradient_checkpointing: objects per mask-decoder checkpoint; more run the decoder in bigger batches (fewer, larger GPU kernels) and hold more at once in backward.", default=1)
+    backend: str = _help("Which computation runs the fast paths: auto (cuda on a GPU, cpu otherwise), reference (transformers' own modules, to debug), cpu, cuda (compiled Hiera blocks, fused window attention, compiled decoder).", default="auto")
     compile: bool = _help("torch.compile the mask decoder (needs a C++ compiler on CPU).", default=False)
 
     # Evaluation, checkpoints, logging
@@ -126,6 +128,7 @@ class TrainConfig(DataConfig):
             raise ConfigError(f"`--mixed_precision {self.mixed_precision}` is unknown; use no, bf16 or fp16.")
         if self.decoder_mode not in ("frozen", "full", "adapter"):
             raise ConfigError(f"`--decoder_mode {self.decoder_mode}` is unknown; use frozen, full or adapter.")
+        select_backend(self.backend)  # refuses an unknown name, or cuda without CUDA, naming --backend
         metrics = EVAL_METRICS[self.task]
         if self.eval_metric not in metrics:
             raise ConfigError(f"`--eval_metric {self.eval_metric}` is unknown for --task {self.task}; use {' or '.join(metrics)}.")

@@ -6,8 +6,8 @@
 
 `Sam2Model`, `Sam3TrackerModel` and `EdgeTamModel` share the prompt encoder and the mask decoder: transformers
 generates the other two's modules from Sam2's (`modular_*.py`), so their classes differ but their code is the same, and
-the decoder's fast paths (`mask_decoder.decode_masks`, `layers`) know all three (`TWO_WAY_BLOCKS`,
-`layers.CHANNEL_LAYER_NORMS`). Their image encoders differ, and everything that depends on that is here:
+the decoder's fast paths (`speed.decoder.decode_masks`, `speed.layers`) know all three (`TWO_WAY_BLOCKS`,
+`speed.layers.CHANNEL_LAYER_NORMS`). Their image encoders differ, and everything that depends on that is here:
 
 - `Sam2Model`: Hiera (`HieraTrunk`): blocks `backbone.blocks.<i>` in four stages with windowed and global
   attention; an FPN over the stage outputs (`fpn_maps`) gives the decoder's three levels.
@@ -15,6 +15,9 @@ the decoder's fast paths (`mask_decoder.decode_masks`, `layers`) know all three 
   attention; the neck scales the last layer's output by 4, 2 and 1 (and 0.5) for the decoder's levels.
 - `EdgeTamModel`: RepViT, a timm CNN (`TimmTrunk`): blocks are each stage's `downsample` and `blocks.<j>`; the FPN
   as SAM2.
+
+Which computation each step takes (the neck on GEMMs, compiled blocks, or transformers' own modules) is the
+backend's choice (`sam2_peft.speed`): `encode_prefix` and `encode_from_prefix` take one.
 
 The model's own forward adds `no_memory_embedding` to the last level the encoder returns, then keeps as many levels as
 `backbone_feature_sizes` lists. SAM3's neck returns four, so its image model never adds it (`adds_no_memory`).
@@ -26,7 +29,6 @@ import re
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import EdgeTamModel, Sam2Model, Sam2VideoModel, Sam3TrackerModel
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -36,15 +38,21 @@ from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoTwoWayAt
 from transformers.models.sam3.modeling_sam3 import Sam3VisionModel
 from transformers.models.sam3_tracker.modeling_sam3_tracker import Sam3TrackerTwoWayAttentionBlock
 
-from sam2_peft.layers import pointwise_conv
+from sam2_peft.speed.neck import fpn_maps
 
 # `Sam2VideoModel` holds every `Sam2Model` parameter (same names and shapes) plus the memory modules.
 MODEL_CLASSES = (Sam2Model, Sam3TrackerModel, EdgeTamModel, Sam2VideoModel)
-# The first two-way layer whose image side `mask_decoder.decoder_images` computes once per image.
+# The first two-way layer whose image side `speed.decoder.decoder_images` computes once per image.
 TWO_WAY_BLOCKS = (
     Sam2TwoWayAttentionBlock, Sam3TrackerTwoWayAttentionBlock, EdgeTamTwoWayAttentionBlock, Sam2VideoTwoWayAttentionBlock,
 )
 VISION_ENCODER = "vision_encoder."
+# `Sam2VideoModel` parameters that `Sam2Model` does not have: the memory path.
+VIDEO_ONLY_PREFIXES = (
+    "memory_attention.", "memory_encoder.", "mask_downsample.", "object_pointer_proj.",
+    "temporal_positional_encoding_projection_layer.", "memory_temporal_positional_encoding",
+    "no_memory_positional_encoding", "no_object_pointer", "occlusion_spatial_embedding_parameter",
+)
 
 
 def supported_classes() -> str:
@@ -89,35 +97,6 @@ def run_block(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     if marked and block.training and torch.is_grad_enabled():
         return block._gradient_checkpointing_func(block, hidden)
     return block(hidden)
-
-
-def fpn_maps(vision_encoder: nn.Module, stage_outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The FPN neck of `Sam2VisionModel` (and of `EdgeTamVisionModel`) on the stage outputs, high to low resolution.
-
-    The same maps as `vision_encoder.neck` up to float rounding (lateral convolutions, nearest-upsampled top-down
-    sums on `fpn_top_down_levels`, the last `num_feature_levels` levels), with two differences that only save
-    memory and time: the 1x1 lateral convolutions run as `pointwise_conv`, and the sine position encodings, which
-    the decoder does not use (it has its own), are not built. transformers builds them through a one-entry LRU cache
-    shared by all models; the levels take turns in it, so it never hits, but it keeps the largest one,
-    (B, 256, S/4, S/4), 64 MB per image at 1024 px, alive for the life of the process. It reads the neck's weights
-    without calling the neck, so hooks on the neck itself do not run.
-
-    Args:
-        vision_encoder: `Sam2Model.vision_encoder` (or `EdgeTamModel`'s).
-        stage_outputs: the (B, H, W, C) output of each stage, high to low resolution.
-    """
-    neck = vision_encoder.neck
-    last = len(neck.convs) - 1
-    maps, previous = [], None
-    for level in range(last, -1, -1):  # top-down: low to high resolution
-        conv = neck.convs[last - level]
-        current = pointwise_conv(conv, stage_outputs[level].permute(0, 3, 1, 2).to(conv.weight.dtype))
-        if previous is not None and level in neck.fpn_top_down_levels:
-            top_down = F.interpolate(previous.to(torch.float32), scale_factor=2.0, mode="nearest")
-            current = current + top_down.to(current.dtype)
-        maps.append(current)
-        previous = current
-    return maps[-vision_encoder.num_feature_levels :][::-1]
 
 
 class Trunk:
@@ -357,7 +336,9 @@ def image_trunk(vision_encoder: nn.Module) -> Trunk:
     )
 
 
-def encode_prefix(vision_encoder: nn.Module, pixel_values: torch.Tensor, start_block: int) -> list[torch.Tensor]:
+def encode_prefix(
+    vision_encoder: nn.Module, pixel_values: torch.Tensor, start_block: int, backend=None
+) -> list[torch.Tensor]:
     """Run the encoder's stem and blocks `[0, start_block)`: what `encode_from_prefix` continues from.
 
     Follows the backbone's forward (`Sam2HieraDetModel`, `Sam3ViTModel`, timm's `FeatureListNet`; transformers 5)
@@ -367,6 +348,7 @@ def encode_prefix(vision_encoder: nn.Module, pixel_values: torch.Tensor, start_b
         vision_encoder: the model's `vision_encoder`.
         pixel_values: (B, 3, S, S) normalised images.
         start_block: index of the first block not run, 1 <= start_block <= number of blocks.
+        backend: the `speed.Backend` that runs the blocks (`Sam2Segmenter.backend_for`); None runs each as `run_block`.
 
     Returns:
         `[hidden, *stage_outputs]`: the hidden state entering block `start_block` ((B, H, W, C) for Hiera and ViT,
@@ -374,30 +356,35 @@ def encode_prefix(vision_encoder: nn.Module, pixel_values: torch.Tensor, start_b
         reads them; an output of block `start_block - 1` itself is `hidden`, kept once).
     """
     trunk = image_trunk(vision_encoder)
+    run = run_block if backend is None else backend.run_block
     hidden = trunk.stem(pixel_values)
     stage_outputs = []
     for index in range(start_block):
-        hidden = run_block(trunk.blocks[index], hidden)
+        hidden = run(trunk.blocks[index], hidden)
         if index in trunk.stage_ends and index < start_block - 1:
             stage_outputs.append(hidden)
     return [hidden, *stage_outputs]
 
 
-def encode_from_prefix(vision_encoder: nn.Module, prefix: list[torch.Tensor], start_block: int) -> list[torch.Tensor]:
+def encode_from_prefix(
+    vision_encoder: nn.Module, prefix: list[torch.Tensor], start_block: int, backend=None
+) -> list[torch.Tensor]:
     """Run blocks `[start_block, end)` and the FPN neck on an `encode_prefix` output, with autograd.
 
-    Follows the tail of the backbone's and the vision encoder's forward (transformers 5).
+    Follows the tail of the backbone's and the vision encoder's forward (transformers 5). `backend` runs the blocks
+    and the neck, as in `encode_prefix`; None runs `run_block` and the trunk's neck.
 
     Returns:
         The three FPN maps, high to low resolution, as `Sam2Segmenter.encode_images`.
     """
     trunk = image_trunk(vision_encoder)
+    run = run_block if backend is None else backend.run_block
     hidden, *stage_outputs = prefix
     stage_outputs = list(stage_outputs)
     if start_block - 1 in trunk.stage_ends:
         stage_outputs.append(hidden)
     for index in range(start_block, len(trunk.blocks)):
-        hidden = run_block(trunk.blocks[index], hidden)
+        hidden = run(trunk.blocks[index], hidden)
         if index in trunk.stage_ends:
             stage_outputs.append(hidden)
-    return trunk.neck(stage_outputs)
+    return trunk.neck(stage_outputs) if backend is None else backend.neck(trunk, stage_outputs)

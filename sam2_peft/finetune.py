@@ -124,7 +124,8 @@ def build_model(accelerator: Accelerator, cfg: TrainConfig):
         logger.info("Trainable parameters (%s):\n%s", cfg.strategy, trainable_summary(model))
     if cfg.gradient_checkpointing:
         blocks = enable_gradient_checkpointing(
-            model, strips=cfg.checkpoint_strips, objects_per_checkpoint=cfg.objects_per_checkpoint
+            model, strips=cfg.checkpoint_strips, objects_per_checkpoint=cfg.objects_per_checkpoint,
+            backend=cfg.backend,
         ) - 1
         accelerator.print(f"Gradient checkpointing: {blocks} Hiera blocks (windowed ones in {cfg.checkpoint_strips} "
                           f"strip(s)) and the mask decoder ({cfg.objects_per_checkpoint} object(s) per checkpoint).")

@@ -13,6 +13,7 @@ from torch import nn
 from sam2_peft.data.prompts import sample_correction_clicks
 from sam2_peft.family import encode_from_prefix
 from sam2_peft.segmenter import Sam2Segmenter, SegmenterOutput, best_mask_logits
+from sam2_peft.speed import Backend
 
 
 class InteractiveSegmenter(nn.Module):
@@ -24,11 +25,12 @@ class InteractiveSegmenter(nn.Module):
 
     Args:
         model: a `Sam2Model` or the `PeftModel` from `apply_strategy`.
+        backend: `--backend` (see `Sam2Segmenter`).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, backend: str | Backend = "auto"):
         super().__init__()
-        self.segmenter = Sam2Segmenter(model)
+        self.segmenter = Sam2Segmenter(model, backend=backend)
 
     def forward(
         self,
@@ -75,6 +77,7 @@ class InteractiveSegmenter(nn.Module):
             return batch["image_features"]
         if "image_prefix" in batch:
             # The frozen blocks' activations came from a cache; the trainable blocks run here, inside forward.
-            vision_encoder = self.segmenter.sam.vision_encoder
-            return encode_from_prefix(vision_encoder, batch["image_prefix"], batch["prefix_start_block"])
+            vision_encoder, prefix = self.segmenter.sam.vision_encoder, batch["image_prefix"]
+            backend = self.segmenter.backend_for(prefix[0].device)
+            return encode_from_prefix(vision_encoder, prefix, batch["prefix_start_block"], backend=backend)
         return self.segmenter.encode_images(batch["pixel_values"])

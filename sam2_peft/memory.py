@@ -13,22 +13,23 @@ decoder gets the same two attributes, which `Sam2Segmenter` honours: it runs the
 objects at a time, each group its own checkpoint, so the decoder's submodules run a number of times that depends on
 the batch; under FSDP keep them out of their own units (`recipes/accelerate/fsdp.yaml` leaves the decoder in the
 root unit), or the processes' all-gathers fall out of step (and a decoder with hooks runs as transformers' slower
-forward, see `mask_decoder.decode_masks`). bf16 autocast needs nothing here: the training loop runs the forward
+forward, see `speed.decoder.decode_masks`). bf16 autocast needs nothing here: the training loop runs the forward
 under `accelerator.autocast()`, and non-reentrant checkpointing replays each region under the same autocast state.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from sam2_peft.family import image_trunk
-from sam2_peft.segmenter import base_sam2
+from sam2_peft.segmenter import base_sam2, model_device
+from sam2_peft.speed import Backend, select_backend
+# The strips are a fast path (the backend picks them); `checkpoint_whole` is also the decoder's checkpoint here.
+from sam2_peft.speed.strips import checkpoint_in_strips, checkpoint_whole  # noqa: F401 (re-exported)
 
 
 def hiera_blocks(model: nn.Module) -> list[nn.Module]:
@@ -43,6 +44,7 @@ def enable_gradient_checkpointing(
     decoder: bool = True,
     strips: int = 4,
     objects_per_checkpoint: int = 1,
+    backend: str | Backend = "auto",
 ) -> int:
     """Recompute activations during backward instead of storing them (less memory, more compute).
 
@@ -67,6 +69,8 @@ def enable_gradient_checkpointing(
             only by the order of sums over tokens.
         objects_per_checkpoint: objects per decoder checkpoint; more run the decoder in bigger batches (fewer,
             larger kernels on a GPU) and hold more at once in backward.
+        backend: `--backend` ("auto" by the model's device; see `sam2_peft.speed`): the `reference` backend
+            checkpoints whole blocks (transformers' own checkpointing), whatever `strips` says.
 
     Returns:
         The number of modules now checkpointed: encoder blocks, plus 1 for the mask decoder.
@@ -80,6 +84,7 @@ def enable_gradient_checkpointing(
         raise ValueError(f"blocks={blocks!r} is unknown; use 'trainable' or 'all'.")
     if strips < 1 or objects_per_checkpoint < 1:
         raise ValueError(f"strips={strips} and objects_per_checkpoint={objects_per_checkpoint} must be at least 1.")
+    backend = select_backend(backend, model_device(model))
     trunk = image_trunk(base_sam2(model).vision_encoder)
     modules = trunk.blocks
     start = 0
@@ -89,10 +94,7 @@ def enable_gradient_checkpointing(
     for index, block in enumerate(modules):
         window_size = getattr(block, "window_size", 0)  # 0 for global attention and for blocks without windows
         block.gradient_checkpointing = index >= start
-        block._gradient_checkpointing_func = (
-            partial(checkpoint_in_strips, window_size=window_size, strips=strips) if window_size and strips > 1
-            else checkpoint_whole
-        )
+        block._gradient_checkpointing_func = backend.block_checkpoint(window_size, strips)
     # Gradients reach the decoder whenever anything trains: everything that trains feeds it.
     mask_decoder = base_sam2(model).mask_decoder
     mask_decoder.gradient_checkpointing = decoder
@@ -100,36 +102,6 @@ def enable_gradient_checkpointing(
         checkpoint_per_object, objects_per_checkpoint=objects_per_checkpoint
     )
     return len(modules) - start + int(decoder)
-
-
-def checkpoint_whole(function: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
-    """Non-reentrant checkpointing (the recommended mode: it handles inputs without grad and keyword arguments)."""
-    return checkpoint(function, *args, use_reentrant=False)
-
-
-def checkpoint_in_strips(
-    function: Callable[[torch.Tensor], torch.Tensor], hidden_states: torch.Tensor, *, window_size: int, strips: int
-) -> torch.Tensor:
-    """Checkpoint a windowed block as horizontal strips of whole windows, concatenated.
-
-    Everything in such a block (Hiera's, or SAM3's ViT layer, whose rotary positions restart in every window) works
-    window by window (attention, query pooling, which stays inside a window) or token by token (norms, projections,
-    MLP), and windows are counted from the top-left corner with the padding at the bottom and right, so each strip
-    of `rows` (a multiple of `window_size`) gives exactly its rows of the whole block's output. Each strip is its
-    own checkpoint: the backward recomputes and holds one strip at a time. At 1024 px the first stage-change block's
-    backward holds about 500 MB at once (its `qkv` output alone is 144 MB at hiera-tiny); four strips hold a quarter
-    of that.
-
-    Args:
-        function: the block's forward (what `GradientCheckpointingLayer` passes), taking (B, H, W, C) tokens.
-        hidden_states: the block's input.
-        window_size: the block's attention window, in input tokens.
-        strips: the most strips to cut; fewer when the map is fewer windows high.
-    """
-    windows = math.ceil(hidden_states.shape[1] / window_size)
-    rows = window_size * math.ceil(windows / strips)
-    outputs = [checkpoint_whole(function, part) for part in hidden_states.split(rows, dim=1)]
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
 def checkpoint_per_object(

@@ -7,6 +7,7 @@ training does), then runs the prompt encoder and mask decoder on the flat batch 
     segmenter = Sam2Segmenter(model)                    # a Sam2Model, or the PeftModel that apply_strategy returns
     out = segmenter(pixel_values, image_index=idx, point_coords=coords, point_labels=labels)
     out.mask_logits                                     # (N, 3, 4 * E, 4 * E) with multimask_output=True
+    Sam2Segmenter(model, backend="reference")           # transformers' own modules (see `sam2_peft.speed`)
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sam2_peft.family import image_trunk, is_family_model, supported_classes
-from sam2_peft.layers import pointwise_conv
-from sam2_peft.mask_decoder import decode_masks, decoder_images
+from sam2_peft.family import is_family_model, supported_classes
+from sam2_peft.speed import Backend, CudaBackend, select_backend
+from sam2_peft.speed.compiled import BucketedDecoder
 
 # Point labels of the SAM2 prompt encoder. A box is encoded as its two corners (labels 2 and 3), exactly as the
 # official predictor does, so boxes, clicks and both together share one tensor layout.
@@ -88,6 +89,11 @@ def base_sam2(model: nn.Module) -> nn.Module:
     return base
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of `model`'s first parameter (CPU for a model without any)."""
+    return next((param.device for param in model.parameters()), torch.device("cpu"))
+
+
 class Sam2Segmenter(nn.Module):
     """Run SAM2 on a batch of images with a varying number of prompted objects per image.
 
@@ -99,13 +105,24 @@ class Sam2Segmenter(nn.Module):
     Args:
         model: a `Sam2Model` (or `Sam3TrackerModel`, `EdgeTamModel`), or the `PeftModel` that `apply_strategy`
             returns. It is registered as `self.model`, so `accelerate.prepare(segmenter)` wraps everything that trains.
+        backend: `--backend`: "auto", "reference", "cpu", "cuda" or a `speed.Backend` (see `sam2_peft.speed`).
+            "auto" is resolved for the model's device, and again on the first inputs on another device type
+            (accelerate moves the model after this is built).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, backend: str | Backend = "auto"):
         super().__init__()
         base_sam2(model)
         self.model = model
-        self._decode = decode_masks
+        if backend != "auto" and not isinstance(backend, Backend):
+            select_backend(backend)  # a bad name, or cuda without CUDA, fails here rather than at the first step
+        self._backend_choice = backend
+        self._backends: dict[str, Backend] = {}
+        self._compile_options: dict | None = None
+        self._decoders: dict[str, object] = {}
+        # Chosen now for where the model is, so that a compiled forward finds it made (choosing inside one would
+        # change the state it guards on, and recompile); a move to another device type chooses again there.
+        self.backend_for(next(model.parameters()).device)
 
     def train(self, mode: bool = True) -> Sam2Segmenter:
         """Set training mode, batch norms in the image encoder excepted (see the class docstring)."""
@@ -116,17 +133,36 @@ class Sam2Segmenter(nn.Module):
         return self
 
     def compile_decoder(self, **compile_options) -> None:
-        """Run the mask decoder (`mask_decoder.decode_masks`) through `torch.compile`.
+        """Run the backend's mask decoder through `torch.compile`, at bucketed object counts (`--compile`).
 
         The decoder trains in every strategy and runs on every step, once per object, as many small kernels (the
         encoder's cost is in large GEMMs). The weights are untouched, so state-dict keys, PEFT adapters and
-        checkpoints stay as they are. The number of objects varies between batches, so the first steps recompile
-        once with dynamic shapes. Needs a C++ compiler on CPU (inductor); `backend="eager"` tests the plumbing.
+        checkpoints stay as they are. The number of objects varies between batches: it is padded to a bucket
+        (`speed.compiled.object_bucket`), each compiled once. The `cuda` backend compiles its decoder already. Needs
+        a C++ compiler on CPU (inductor); `backend="eager"` tests the plumbing.
 
         Args:
             **compile_options: passed to `torch.compile` (`mode="max-autotune"`, `backend=`, `dynamic=`...).
         """
-        self._decode = torch.compile(decode_masks, **compile_options)
+        self._compile_options = dict(compile_options)
+        self._decoders.clear()
+
+    def backend_for(self, device: torch.device) -> Backend:
+        """The backend that runs inputs on `device` (chosen once per device type, then kept)."""
+        if device.type not in self._backends:
+            backend = select_backend(self._backend_choice, device)
+            backend.prepare(self.model)
+            self._backends[device.type] = backend
+        return self._backends[device.type]
+
+    def _decoder(self, backend: Backend):
+        if self._compile_options is None or isinstance(backend, CudaBackend):  # that one is compiled already
+            return backend.decode_masks
+        if backend.name not in self._decoders:
+            options = dict(self._compile_options)
+            self._decoders[backend.name] = BucketedDecoder(backend.decode_masks, options.pop("backend", "inductor"),
+                                                           **options)
+        return self._decoders[backend.name]
 
     @property
     def sam(self) -> nn.Module:
@@ -144,7 +180,7 @@ class Sam2Segmenter(nn.Module):
             (B, C, h, w) for the (h, w) grid of image embeddings (S/16 for SAM2 and EdgeTAM, S/14 for SAM3). Nothing
             of the mask decoder is applied yet, so these are what a frozen-encoder cache stores.
         """
-        return image_trunk(self.sam.vision_encoder).encode(pixel_values)
+        return self.backend_for(pixel_values.device).encode_images(self.sam.vision_encoder, pixel_values)
 
     def project(self, image_features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The mask decoder's own 1x1 projections (`conv_s0`, `conv_s1`) of the two high-resolution FPN levels.
@@ -157,9 +193,7 @@ class Sam2Segmenter(nn.Module):
         Returns:
             (B, C/8, S/4, S/4), (B, C/4, S/8, S/8) and the unchanged (B, C, S/16, S/16) image embeddings.
         """
-        decoder = self.sam.mask_decoder
-        feat_s0, feat_s1, embeddings = image_features
-        return pointwise_conv(decoder.conv_s0, feat_s0), pointwise_conv(decoder.conv_s1, feat_s1), embeddings
+        return self.backend_for(image_features[0].device).project(self.sam.mask_decoder, image_features)
 
     def forward(
         self,
@@ -197,12 +231,15 @@ class Sam2Segmenter(nn.Module):
         decoder = sam.mask_decoder
         feat_s0, feat_s1, embeddings = decoder_features
         num_images = embeddings.shape[0]
-        if image_index.numel() and not 0 <= int(image_index.min()) <= int(image_index.max()) < num_images:
+        backend = self.backend_for(embeddings.device)
+        # Reading the values synchronises a GPU stream: there, `index_select` asserts on the device instead.
+        checked = backend.checks_on_host or image_index.device.type == "cpu"
+        if checked and image_index.numel() and not 0 <= int(image_index.min()) <= int(image_index.max()) < num_images:
             raise ValueError(
                 f"image_index has values from {int(image_index.min())} to {int(image_index.max())}, outside "
                 f"[0, {num_images}): each object's image_index is its image's row in pixel_values/image_features."
             )
-        images = decoder_images(sam, feat_s0, feat_s1, embeddings, mask_prompts=mask_inputs is not None)
+        images = backend.decoder_images(sam, feat_s0, feat_s1, embeddings, mask_prompts=mask_inputs is not None)
         if mask_inputs is not None and mask_inputs.shape[-2:] != sam.prompt_encoder.mask_input_size:
             mask_inputs = F.interpolate(mask_inputs.float(), size=sam.prompt_encoder.mask_input_size, mode="bilinear",
                                         align_corners=False, antialias=True).to(mask_inputs.dtype)
@@ -217,7 +254,8 @@ class Sam2Segmenter(nn.Module):
         objects = [image_index.to(feat_s0.device), sparse]
         if images.first_layer is None:  # else the no-mask embedding is in `images` already
             objects.append(dense.expand(num_objects, -1, -1, -1) if dense.shape[0] != num_objects else dense)
-        decode = partial(self._decode, sam, grid=tuple(embeddings.shape[-2:]), multimask_output=multimask_output)
+        decode = partial(self._decoder(backend), sam, grid=tuple(embeddings.shape[-2:]),
+                         multimask_output=multimask_output)
         # `memory.enable_gradient_checkpointing` marks the decoder like transformers' checkpointed layers.
         if getattr(decoder, "gradient_checkpointing", False) and decoder.training and torch.is_grad_enabled():
             masks, iou_scores, object_score_logits = decoder._gradient_checkpointing_func(decode, [images], objects)

@@ -23,8 +23,8 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from sam2_peft.family import Trunk, allow_peft
-from sam2_peft.fused_lora import InPlaceLoraLinear
-from sam2_peft.models import VIDEO_ONLY_PREFIXES
+from sam2_peft.speed.fused_lora import InPlaceLoraLinear
+from sam2_peft.family import VIDEO_ONLY_PREFIXES
 from sam2_peft.targets import (
     PRESET_NAMES,
     model_trunk,
@@ -61,7 +61,7 @@ def apply_strategy(model: nn.Module, strategy: str | PeftConfig, **options) -> n
             - `"full"`: everything trains (on a `Sam2VideoModel` the memory path too).
             - `"memory"` (`Sam2VideoModel` only): the memory path (memory attention, memory encoder with the mask
               downsampler, object-pointer projections and the learnt memory embeddings: every parameter under
-              `models.VIDEO_ONLY_PREFIXES`) and the mask decoder train; the image and prompt encoders stay frozen.
+              `family.VIDEO_ONLY_PREFIXES`) and the mask decoder train; the image and prompt encoders stay frozen.
               Option `train_prompt_encoder=False`.
             - a PEFT tuner name (`lora`, `dora`, `loha`, `lokr`, `ia3`, `vera`, `boft`, `fourierft`, `hra`) or
               any `peft.PeftConfig`. Options `targets="trunk.qkv"` (presets combinable with `+`; on a video model

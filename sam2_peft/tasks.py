@@ -53,7 +53,7 @@ class ImageTask:
         return cfg.load_splits(seed=cfg.seed)
 
     def build(self, cfg, model: nn.Module, splits, base_fingerprint: str, accelerator) -> RunParts:
-        module = InteractiveSegmenter(model)
+        module = InteractiveSegmenter(model, backend=cfg.backend)
         if cfg.compile:
             module.segmenter.compile_decoder()
         preprocessor = Preprocessor.from_model(model)

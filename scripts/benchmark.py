@@ -4,9 +4,11 @@
     python scripts/benchmark.py --config hiera-large --strategies lora,full --gradient_checkpointing  # other sizes
     python scripts/benchmark.py --strategies lora,full --gradient_checkpointing --mixed_precision bf16
     python scripts/benchmark.py --config tiny-random --image_size 256 --steps 2 --output /tmp/bench   # smoke run
+    python scripts/benchmark.py --config hiera-large --batch_size 8 --mixed_precision bf16 --steps 8   # on CUDA
 
 Everything runs in one process on random weights (offline). An "epoch" is `--steps` batches of distinct images.
-- naive: the plain loop users write: `Sam2Model.forward` on every step, fp32, no caches, same strategy and loss.
+- naive: the plain loop users write: `Sam2Model.forward` on every step, no caches, same strategy and loss; fp32
+  on CPU, under the same autocast as ours on CUDA (what a GPU user writes).
 - ours: `InteractiveSegmenter` with the feature cache (decoder) or prefix cache (partial), gradient checkpointing
   with `--gradient_checkpointing` (windowed blocks in `--checkpoint_strips` strips), a bf16-autocast forward with
   `--mixed_precision bf16` (as the training loop's `accelerator.autocast()`); cached strategies run two epochs and
@@ -17,6 +19,8 @@ Everything runs in one process on random weights (offline). An "epoch" is `--ste
   memory), twice: with glibc's default heap, which keeps many freed blocks (what a plain process uses; it varies
   by 10-20% between runs), and with freed memory returned to the OS (`MALLOC_MMAP_THRESHOLD_=131072`: what
   training holds, close to the live tensors and reproducible; that setting slows CPU steps by 25-45%).
+- FLOPs: one step of ours on the eager `cpu` backend (cache filled) under `FlopCounterMode` (`speed.flops`); on
+  CUDA, MFU = FLOPs / ours' step time / the bf16 matmul rate the script measures (`matmul_ceiling`).
 Writes `benchmark.json` and `benchmark.md` to `--output`.
 """
 
@@ -41,8 +45,10 @@ from sam2_peft.interactive import InteractiveSegmenter
 from sam2_peft.interop.official_config import official_to_hf_config
 from sam2_peft.losses import LossWeights
 from sam2_peft.memory import enable_gradient_checkpointing
-from sam2_peft.models import load_sam2, model_fingerprint, tiny_random_config
+from sam2_peft.models import load_sam2, model_fingerprint
+from sam2_peft.presets import tiny_random_config
 from sam2_peft.segmenter import SegmenterOutput, combine_prompts
+from sam2_peft.speed.flops import count_flops, matmul_ceiling, mfu
 from sam2_peft.strategies import apply_strategy
 from sam2_peft.training import build_optimizer, compute_loss
 
@@ -109,9 +115,11 @@ def fresh_model(args, strategy: str) -> torch.nn.Module:
     return apply_strategy(model, name, **options).train()
 
 
-def naive_step(model, optimizer, batch) -> float:
-    """The plain loop: the whole `Sam2Model.forward` with the boxes, loss, backward, step."""
-    out = model(pixel_values=batch["pixel_values"], input_boxes=batch["boxes"], multimask_output=True)
+def naive_step(model, optimizer, batch, args) -> float:
+    """The plain loop: the whole `Sam2Model.forward` with the boxes, loss, backward, step (autocast on CUDA)."""
+    bf16 = args.mixed_precision == "bf16" and args.device.type == "cuda"
+    with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(pixel_values=batch["pixel_values"], input_boxes=batch["boxes"], multimask_output=True)
     outputs = [SegmenterOutput(out.pred_masks.flatten(0, 1), out.iou_scores.flatten(0, 1),
                                out.object_score_logits.flatten(0, 1))]
     loss = compute_loss(outputs, batch, WEIGHTS)["loss"]
@@ -143,17 +151,18 @@ def timed(fn, args) -> float:
     return time.perf_counter() - start
 
 
-def setup(args, strategy: str, mode: str):
-    """(step function, cache) of the naive loop or ours for `strategy`."""
+def setup(args, strategy: str, mode: str, backend: str | None = None):
+    """(step function, cache) of the naive loop or ours (on `backend`, default `--backend`) for `strategy`."""
     model = fresh_model(args, strategy)
     optimizer = build_optimizer(model, 1e-5, 0.0)
     if mode == "naive":
-        return (lambda batch: naive_step(model, optimizer, batch)), None
+        return (lambda batch: naive_step(model, optimizer, batch, args)), None
+    backend = backend or args.backend
     if args.gradient_checkpointing:
-        enable_gradient_checkpointing(model, strips=args.checkpoint_strips)
+        enable_gradient_checkpointing(model, strips=args.checkpoint_strips, backend=backend)
     plan = plan_cache(model, changes_pixels=False)
     cache = plan.build(model_fingerprint(model), f"benchmark {args.image_size}px", device=args.device)
-    module = InteractiveSegmenter(model).train()
+    module = InteractiveSegmenter(model, backend=backend).train()
     return (lambda batch: our_step(module, optimizer, batch, cache, args)), cache
 
 
@@ -177,6 +186,13 @@ def run_strategy(args, strategy: str, batches: list[dict]) -> dict:
     }
 
 
+def step_flops(args, strategy: str, batch: dict) -> int:
+    """FLOPs of one step of ours, counted on the eager `cpu` backend after a step that fills a cache."""
+    step, _ = setup(args, strategy, "ours", backend="cpu")
+    step(batch)
+    return count_flops(lambda: step(batch))
+
+
 def train_two_steps(args, strategy: str, mode: str) -> None:
     """What a memory probe measures: build `strategy` (naive or ours) and train two steps on fresh images."""
     step, _ = setup(args, strategy, mode)
@@ -196,6 +212,7 @@ def probe_command(args, strategy: str, mode: str, heap: str) -> tuple[list[str],
     if args.gradient_checkpointing:
         command += ["--gradient_checkpointing", "--checkpoint_strips", str(args.checkpoint_strips)]
     command += ["--mixed_precision", args.mixed_precision] if args.mixed_precision != "no" else []
+    command += ["--backend", args.backend] if getattr(args, "backend", "auto") != "auto" else []
     # "default" means glibc's defaults: drop the user's own malloc settings (MALLOC_*_, GLIBC_TUNABLES).
     env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_") and key != "GLIBC_TUNABLES"}
     return command, {**env, **RETURNED_HEAP} if heap == "returned" else env
@@ -299,7 +316,8 @@ def to_markdown(report: dict) -> str:
     memory = [("peak_mb", f"peak MB ({s['memory']})")]
     if any("peak_mb_returned" in row for row in rows):
         memory.append(("peak_mb_returned", "peak MB, freed memory returned to the OS"))
-    header = ["strategy", "cache", "naive s/step", "ours s/step (1st epoch)", "ours s/step", "images/s", "speedup"]
+    header = ["strategy", "cache", "naive s/step", "ours s/step (1st epoch)", "ours s/step", "images/s", "speedup",
+              "GFLOP/step", "MFU"]
     header += [cell for _, title in memory for cell in (title, "/ full")]
     lines = [
         f"# sam2-peft benchmark: {s['config']}, {s['image_size']} px, batch {s['batch_size']}, {s['steps']} steps, "
@@ -312,7 +330,8 @@ def to_markdown(report: dict) -> str:
     ]
     for name, row in report["strategies"].items():
         cells = [name, row["cache"] or "-", f"{row['naive_step_s']:.3f}", f"{row['ours_first_epoch_step_s']:.3f}",
-                 f"{row['ours_step_s']:.3f}", f"{row['images_per_s']:.2f}", f"{row['speedup']:.1f}x"]
+                 f"{row['ours_step_s']:.3f}", f"{row['images_per_s']:.2f}", f"{row['speedup']:.1f}x",
+                 f"{row['flops_per_step'] / 1e9:.1f}", f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"]
         cells += [cell for key, _ in memory for cell in memory_cells(report, row, key)]
         lines.append("| " + " | ".join(cells) + " |")
     inf, sw = report["inference"], report["adapter_switch"]
@@ -343,7 +362,8 @@ def main() -> None:
     parser.add_argument("--checkpoint_strips", type=int, default=4,
                         help="strips per windowed Hiera block when checkpointing (1: whole blocks)")
     parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no",
-                        help="bf16 autocast of ours' forward (the naive loop stays fp32)")
+                        help="bf16 autocast of ours' forward, and of the naive loop's on CUDA (fp32 on CPU)")
+    parser.add_argument("--backend", default="auto", help="ours' backend: auto, reference, cpu or cuda")
     parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--output", default="runs/benchmark", help="folder for benchmark.json and benchmark.md")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one CPU memory run
@@ -359,8 +379,11 @@ def main() -> None:
 
     batches = make_batches(args, args.steps)
     cuda = args.device.type == "cuda"
+    ceiling = matmul_ceiling(args.device) if cuda else None
     report = {"settings": {
-        "config": args.config, "image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
+        "config": args.config, "backend": args.backend,
+        "matmul_ceiling_tflops": ceiling / 1e12 if ceiling else None,
+        "image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
         "objects": args.objects, "gradient_checkpointing": args.gradient_checkpointing,
         "checkpoint_strips": args.checkpoint_strips if args.gradient_checkpointing else None,
         "mixed_precision": args.mixed_precision,
@@ -370,7 +393,11 @@ def main() -> None:
     }, "strategies": {}}
     for strategy in strategies:
         row = run_strategy(args, strategy, batches)
+        row["flops_per_step"] = step_flops(args, strategy, batches[0])
+        row["mfu"] = mfu(row["flops_per_step"], row["ours_step_s"], ceiling) if cuda else None
         row["peak_mb"] = None if args.no_memory else probe_memory(args, strategy, "ours")
+        if not args.no_memory and cuda:
+            row["naive_peak_mb"] = probe_memory(args, strategy, "naive")
         if not args.no_memory and not cuda:
             row["peak_mb_returned"] = probe_memory(args, strategy, "ours", heap="returned")
         report["strategies"][strategy] = row

@@ -28,6 +28,10 @@ def test_benchmark_smoke_run(tmp_path):
     assert report["adapter_switch"] and report["inference"]
     markdown = (tmp_path / "benchmark.md").read_text()
     assert "| decoder | features |" in markdown and "| peak MB, freed memory returned to the OS | / full |" in markdown
+    for row in report["strategies"].values():  # FLOPs counted on CPU too; MFU needs the CUDA matmul ceiling
+        assert row["flops_per_step"] > 0 and row["mfu"] is None
+    # the cached decoder step computes no encoder: far fewer FLOPs than LoRA's, which runs the last 4 blocks
+    assert report["strategies"]["decoder"]["flops_per_step"] < report["strategies"]["lora-last4"]["flops_per_step"]
 
 
 @pytest.mark.slow
@@ -43,7 +47,8 @@ def test_cpu_memory_probe_measures_the_child_not_its_parent():
 
     ballast = torch.ones(2**28)  # 1 GiB resident in this (parent) process
     args = argparse.Namespace(config="tiny-random", image_size=256, batch_size=1, objects=2,
-                              device=torch.device("cpu"), gradient_checkpointing=False, mixed_precision="no")
+                              device=torch.device("cpu"), gradient_checkpointing=False, mixed_precision="no",
+                              backend="auto")
     peak = benchmark.probe_memory(args, "lora", "ours")
     assert 1 < peak < 512, f"{peak:.0f} MB for a 1.5M-parameter model: the parent's {ballast.numel() * 4 >> 20} MB leaked in"
 

@@ -17,7 +17,7 @@ from sam2_peft.cli import main
 from sam2_peft.data import IntensityConfig, load_source
 from sam2_peft.data.config import DataConfig
 from sam2_peft.hub import AdapterMismatchError, load_adapter, save_adapter
-from sam2_peft.models import tiny_random_config
+from sam2_peft.presets import tiny_random_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 # A coarse grid and loose thresholds: the tiny random model's masks are poor, and the test needs several.

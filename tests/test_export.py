@@ -34,10 +34,10 @@ from sam2_peft.interop.official_config import (
     OFFICIAL_CONFIGS,
     OfficialConfigError,
     guess_official_config,
-    official_name_for,
     official_to_hf_config,
     official_yaml_path,
 )
+from sam2_peft.interop.official_video_config import official_name_for
 from sam2_peft.interop.official_keys import (
     hf_key_to_official,
     hf_to_official,

@@ -22,19 +22,14 @@ from transformers import (
 )
 
 from sam2_peft.caching import FeatureCache, PrefixCache, first_trainable_block, plan_cache
-from sam2_peft import memory
 from sam2_peft.cli import main
 from sam2_peft.export import merge_to_folder
 from sam2_peft.hub import save_adapter
 from sam2_peft.memory import enable_gradient_checkpointing
-from sam2_peft.models import (
-    ModelLoadError,
-    load_sam2,
-    model_fingerprint,
-    tiny_random_edgetam_config,
-    tiny_random_sam3_tracker_config,
-)
+from sam2_peft.models import ModelLoadError, load_sam2, model_fingerprint
+from sam2_peft.presets import tiny_random_edgetam_config, tiny_random_sam3_tracker_config
 from sam2_peft.segmenter import Sam2Segmenter, combine_prompts
+from sam2_peft.speed import strips as strips_module
 from sam2_peft.strategies import apply_strategy, trainable_summary
 from sam2_peft.targets import resolve_targets
 
@@ -257,7 +252,7 @@ def test_gradient_checkpointing_keeps_the_gradients(preset):
         segmenter = Sam2Segmenter(model).train()
         if checkpointed:
             assert enable_gradient_checkpointing(model, strips=2) == {SAM3: 4, EDGETAM: 8}[preset] + 1
-        with mock.patch.object(memory, "checkpoint", wraps=memory.checkpoint) as checkpoint:
+        with mock.patch.object(strips_module, "checkpoint", wraps=strips_module.checkpoint) as checkpoint:
             out = segmenter(**batch)
             out.mask_logits.square().mean().backward()
         # SAM3: two windowed layers in two strips, two global ones whole; EdgeTAM: eight blocks. Plus three objects.

@@ -5,7 +5,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import Sam2Model
 
-from sam2_peft import memory
 from sam2_peft.memory import (
     checkpoint_in_strips,
     checkpoint_per_object,
@@ -14,9 +13,11 @@ from sam2_peft.memory import (
     hiera_blocks,
     is_gradient_checkpointing,
 )
-from sam2_peft.mask_decoder import decode_masks
-from sam2_peft.models import load_sam2, tiny_random_config
+from sam2_peft.models import load_sam2
+from sam2_peft.presets import tiny_random_config
 from sam2_peft.segmenter import Sam2Segmenter, base_sam2
+from sam2_peft.speed import strips as strips_module
+from sam2_peft.speed.decoder import decode_masks
 from sam2_peft.strategies import apply_strategy
 
 
@@ -32,7 +33,7 @@ def encoder_gradients(strategy: str, strips: int | None, autocast: bool = False,
             inner = block._gradient_checkpointing_func
             block._gradient_checkpointing_func = lambda *a, _inner=inner, **k: blocks.append(1) or _inner(*a, **k)
     pixel_values = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(5))
-    with mock.patch.object(memory, "checkpoint", side_effect=lambda *a, **k: checkpoints.append(1) or checkpoint(*a, **k)):
+    with mock.patch.object(strips_module, "checkpoint", side_effect=lambda *a, **k: checkpoints.append(1) or checkpoint(*a, **k)):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             features = base_sam2(model).vision_encoder(pixel_values).fpn_hidden_states
             loss = sum(level.float().square().mean() for level in features)
@@ -188,7 +189,7 @@ def test_checkpointed_decoder_gives_the_same_outputs_and_gradients(strategy, opt
             decoder_runs.append(len(image_index))
             return decode_masks(sam, images, image_index, *rest, **keywords)
 
-        with mock.patch.object(segmenter, "_decode", run):
+        with mock.patch.object(segmenter, "_decoder", lambda backend: run):
             out = segmenter(**tiny_batch, mask_inputs=mask_inputs)
             (out.mask_logits.square().mean() + out.iou_scores.sum() + out.object_score_logits.sum()).backward()
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}

@@ -6,7 +6,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import Sam2Config, Sam2Model
 
-from sam2_peft.models import VIDEO_ONLY_PREFIXES, load_sam2
+from sam2_peft.family import VIDEO_ONLY_PREFIXES
+from sam2_peft.models import load_sam2
 from sam2_peft.strategies import apply_strategy, trainable_summary
 from sam2_peft.targets import VideoModelRequiredError, resolve_targets, split_targets
 

@@ -91,7 +91,7 @@ def test_encoded_maps_are_let_go_before_the_decoder_runs(strategy, rounds, tiny_
     interactive = InteractiveSegmenter(model)
     segmenter = interactive.segmenter
     encoded, alive, saved = [], [], set()
-    encode, decode = segmenter.encode_images, segmenter._decode
+    encode, decode = segmenter.encode_images, segmenter._decoder(segmenter.backend_for(torch.device("cpu")))
 
     def encode_images(pixel_values):
         maps = encode(pixel_values)
@@ -111,7 +111,7 @@ def test_encoded_maps_are_let_go_before_the_decoder_runs(strategy, rounds, tiny_
 
     batch = {**tiny_batch, "masks": torch.zeros(3, 256, 256, dtype=torch.bool)}
     with mock.patch.object(segmenter, "encode_images", encode_images), \
-            mock.patch.object(segmenter, "_decode", record_and_decode), \
+            mock.patch.object(segmenter, "_decoder", lambda backend: record_and_decode), \
             torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         interactive(batch, correction_rounds=rounds, generator=torch.Generator().manual_seed(0))
     # Only the S/16 embeddings go into the decoder as they are; every round reads the one projection.

@@ -36,20 +36,14 @@ from sam2_peft.interop.official_config import (
     OFFICIAL_CONFIGS,
     OfficialConfigError,
     official_model_section,
-    official_name_for,
     official_to_hf_config,
-    official_to_hf_video_config,
     official_yaml_path,
 )
+from sam2_peft.interop.official_video_config import official_name_for, official_to_hf_video_config
 from sam2_peft.interop.official_keys import hf_key_to_official, hf_to_official, official_key_to_hf, official_to_hf
-from sam2_peft.models import (
-    VIDEO_ONLY_PREFIXES,
-    ModelLoadError,
-    build_video_processor,
-    load_sam2,
-    model_fingerprint,
-    tiny_random_video_config,
-)
+from sam2_peft.family import VIDEO_ONLY_PREFIXES
+from sam2_peft.models import ModelLoadError, build_video_processor, load_sam2, model_fingerprint
+from sam2_peft.presets import tiny_random_video_config
 
 HAS_SAM2 = importlib.util.find_spec("sam2") is not None
 needs_sam2 = pytest.mark.sam2(pytest.mark.skipif(not HAS_SAM2, reason="needs the official `sam2` package"))

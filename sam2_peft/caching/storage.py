@@ -239,7 +239,9 @@ class PrefixCache(FeatureCache):
         Under DistributedDataParallel, call `encode_from_prefix` inside the wrapped module's forward instead (with
         `prefix()` as input), so that DDP sees the trainable blocks run.
         """
-        return encode_from_prefix(segmenter.sam.vision_encoder, self.prefix(segmenter, batch, view), self.start_block)
+        prefix = self.prefix(segmenter, batch, view)
+        return encode_from_prefix(segmenter.sam.vision_encoder, prefix, self.start_block,
+                                  backend=segmenter.backend_for(prefix[0].device))
 
     def attach(self, segmenter: nn.Module, batch: dict, view: int = 0) -> None:
         """Put the cached prefix into `batch` (`image_prefix`, `prefix_start_block`): the trainable blocks then run
@@ -248,7 +250,8 @@ class PrefixCache(FeatureCache):
         batch["prefix_start_block"] = self.start_block
 
     def _compute(self, segmenter: nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        return encode_prefix(segmenter.sam.vision_encoder, pixel_values, self.start_block)
+        return encode_prefix(segmenter.sam.vision_encoder, pixel_values, self.start_block,
+                             backend=segmenter.backend_for(pixel_values.device))
 
 
 def _same_pixels(stored: torch.Tensor, current: torch.Tensor) -> bool:

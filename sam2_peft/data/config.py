@@ -60,7 +60,7 @@ class DataConfig:
     nifti_axis: int = _help("NIfTI volumes: the axis to slice along (2: axial for RAS volumes).", default=2)
     intensity: str | None = _help("Intensity to [0, 1]: auto (8-bit /255, else percentile clip), percentile, minmax, range. Unset: the adapter's, else auto.", default=None)
     intensity_percentiles: str | None = _help("Lower,upper percentile of the percentile clip (and of auto on non-8-bit images). Unset: the adapter's, else '0.5,99.5'.", default=None)
-    ct_window: str | None = _help("CT window instead: abdomen, lung, bone, or 'level,width' (e.g. '40,400'). Unset: the adapter's, else none.", default=None)
+    ct_window: str | None = _help("CT window instead: abdomen, lung, bone, or 'level,width' (e.g. '40,400'); none unsets one from --config. Unset: the adapter's, else none.", default=None)
     keep_empty_images: bool = _help("Keep images without objects as negatives for the object-score head.", default=False)
     min_object_area: int = _help("Objects with fewer pixels are dropped (and counted).", default=16)
     num_workers: int = _help("DataLoader worker processes.", default=0)
@@ -76,6 +76,8 @@ class DataConfig:
             raise ConfigError(f"`--num_classes` must be at least 1, got {self.num_classes}.")
         if self.num_workers < 0:
             raise ConfigError(f"`--num_workers` must be >= 0, got {self.num_workers}.")
+        if self.ct_window is not None and self.ct_window.lower() in ("", "none"):
+            self.ct_window = None  # `--ct_window none` unsets a YAML's window
         if self.task not in TASKS:
             raise ConfigError(f"`--task {self.task}` is unknown; use {' or '.join(TASKS)}.")
         if self.clip_length < 1:

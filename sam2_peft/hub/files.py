@@ -24,7 +24,8 @@ from torch import nn
 from transformers import Sam2Config
 
 from sam2_peft.errors import UserError
-from sam2_peft.models import VIDEO_ONLY_PREFIXES, ModelLoadError, model_fingerprint
+from sam2_peft.family import VIDEO_ONLY_PREFIXES
+from sam2_peft.models import ModelLoadError, model_fingerprint
 from sam2_peft.segmenter import base_sam2
 from sam2_peft.targets import is_video_model
 

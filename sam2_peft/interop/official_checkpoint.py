@@ -21,11 +21,8 @@ from transformers import Sam2Model, Sam2VideoModel
 from transformers.initialization import no_init_weights
 
 from sam2_peft.errors import UserError
-from sam2_peft.interop.official_config import (
-    guess_official_config,
-    official_to_hf_config,
-    official_to_hf_video_config,
-)
+from sam2_peft.interop.official_config import guess_official_config, official_to_hf_config
+from sam2_peft.interop.official_video_config import official_to_hf_video_config
 from sam2_peft.interop.official_keys import is_video_only, key_problems, official_to_hf
 
 logger = logging.getLogger(__name__)
@@ -75,7 +72,7 @@ def load_official_checkpoint(
         sam2_config: official config name (`sam2.1_hiera_t`, ...) or YAML path; guessed from the file name (e.g.
             `sam2.1_hiera_tiny.pt`, `MedSAM2_latest.pt`), else from the trunk's width and depth, when None.
         video: build the video model, with the memory attention, memory encoder and object-pointer modules and the
-            config's tracking settings (`official_config.official_to_hf_video_config`).
+            config's tracking settings (`official_video_config.official_to_hf_video_config`).
 
     Returns:
         The model in eval mode, in the checkpoint's dtype, with `config._name_or_path` set to `path`.

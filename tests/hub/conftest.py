@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import Sam2Model
 
-from sam2_peft.models import tiny_random_config
+from sam2_peft.presets import tiny_random_config
 
 
 @pytest.fixture

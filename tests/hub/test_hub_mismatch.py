@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from transformers import Sam2Model
 
 from sam2_peft.hub import AdapterMismatchError, base_fingerprint, load_adapter, save_adapter
-from sam2_peft.models import load_sam2, model_fingerprint, tiny_random_config
+from sam2_peft.models import load_sam2, model_fingerprint
+from sam2_peft.presets import tiny_random_config
 from sam2_peft.strategies import PEFT_STRATEGIES, apply_strategy
 
 TINY = load_sam2("tiny-random")

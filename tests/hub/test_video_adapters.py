@@ -12,7 +12,8 @@ from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenc
 
 from sam2_peft.hub import AdapterMismatchError, load_adapter, save_adapter
 from sam2_peft.hub.load import load_adapted, requires_video_model
-from sam2_peft.models import VIDEO_ONLY_PREFIXES, ModelLoadError, load_sam2, model_fingerprint
+from sam2_peft.family import VIDEO_ONLY_PREFIXES
+from sam2_peft.models import ModelLoadError, load_sam2, model_fingerprint
 from sam2_peft.segmenter import Sam2Segmenter
 from sam2_peft.strategies import apply_strategy
 

@@ -20,8 +20,8 @@ original = tasks_module.InteractiveSegmenter
 
 
 class Recording(original):
-    def __init__(self, model):
-        super().__init__(model)
+    def __init__(self, model, **options):
+        super().__init__(model, **options)
         captured["model"] = model
 
 

@@ -132,7 +132,7 @@ def test_gradient_checkpointing_flags_reach_the_model(tmp_path, monkeypatch, cap
     cfg = tiny_config(tmp_path, gradient_checkpointing=True, checkpoint_strips=2, objects_per_checkpoint=3,
                       max_steps=1, eval_steps=1)
     assert finetune(cfg)["steps"] == 1
-    assert calls == [{"strips": 2, "objects_per_checkpoint": 3}]
+    assert calls == [{"strips": 2, "objects_per_checkpoint": 3, "backend": "auto"}]
     assert "the mask decoder (3 object(s) per checkpoint)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="`--objects_per_checkpoint` must be at least 1, got 0"):
         tiny_config(tmp_path, objects_per_checkpoint=0)

@@ -1,4 +1,4 @@
-"""SAM2's mask decoder on tokens: `Sam2MaskDecoder.forward` for one prompt set per object, without its copies.
+"""SAM2's mask decoder on tokens (the `cpu` and `cuda` backends): `Sam2MaskDecoder.forward` per object, without copies.
 
     images = decoder_images(sam, feat_s0, feat_s1, embeddings, mask_prompts=False)   # once per image
     masks, iou_scores, object_score_logits = decode_masks(sam, images, image_index, sparse, grid=(64, 64))
@@ -18,7 +18,8 @@ image (unless they draw dropout, which must differ per object). Outputs and grad
 At hiera-tiny, 1024 px, a cached decoder-strategy training step takes about 0.6 instead of 1.0 s with 4 objects,
 and 2.3 instead of 5.1 s with 16, on 2 CPU cores (sharing the first layer accounts for 10% and 15% of that).
 
-Sub-pixel order and the GEMM layers are in `sam2_peft.layers`.
+Sub-pixel order and the GEMM layers are in `sam2_peft.speed.layers`; the `reference` backend runs transformers'
+decoder instead (`sam2_peft.speed.reference`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.sam2.modeling_sam2 import eager_attention_forward
 
-from sam2_peft.family import TWO_WAY_BLOCKS, adds_no_memory
-from sam2_peft.layers import (
+# A module reference: `family` imports this package (for its neck), so its names are read when a function runs.
+from sam2_peft import family
+from sam2_peft.speed.layers import (
     channel_norm,
     from_sub_pixel_order,
     has_hooks,
@@ -86,13 +88,13 @@ def decoder_images(
             must be drawn per object) or the decoder has hooks (see `decode_masks`).
     """
     tokens = embeddings.flatten(2).transpose(1, 2).contiguous()
-    if adds_no_memory(sam):
+    if family.adds_no_memory(sam):
         tokens = tokens + sam.no_memory_embedding
     first_layer = None
     layer = sam.mask_decoder.transformer.layers[0]
     token_to_image, image_to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
     projections = (token_to_image.k_proj, token_to_image.v_proj, image_to_token.q_proj)
-    shared = not mask_prompts and type(layer) in TWO_WAY_BLOCKS and layer.skip_first_layer_pe
+    shared = not mask_prompts and type(layer) in family.TWO_WAY_BLOCKS and layer.skip_first_layer_pe
     shared = shared and all(type(module) is nn.Linear or not module.training for module in projections)
     if shared and not _decoder_has_hooks(sam):
         tokens = tokens + sam.prompt_encoder.no_mask_embed.weight

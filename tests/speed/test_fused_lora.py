@@ -3,7 +3,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-from sam2_peft.fused_lora import InPlaceLoraLinear
+from sam2_peft.speed.fused_lora import InPlaceLoraLinear
 from sam2_peft.models import load_sam2
 from sam2_peft.segmenter import base_sam2
 from sam2_peft.strategies import apply_strategy

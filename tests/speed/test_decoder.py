@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sam2_peft.mask_decoder import decode_masks, decoder_images
+from sam2_peft.speed.decoder import decode_masks, decoder_images
 from sam2_peft.models import load_sam2
 from sam2_peft.segmenter import Sam2Segmenter, combine_prompts
 from sam2_peft.strategies import apply_strategy

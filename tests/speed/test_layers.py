@@ -4,7 +4,7 @@ from accelerate.hooks import ModelHook, add_hook_to_module
 from torch import nn
 from transformers.models.sam2.modeling_sam2 import Sam2LayerNorm
 
-from sam2_peft.layers import (
+from sam2_peft.speed.layers import (
     channel_norm,
     from_sub_pixel_order,
     has_hooks,

@@ -11,7 +11,9 @@ backward (whole-block gradient checkpointing): 745 MB instead of PEFT's 841 MB (
 freed memory returned to the OS).
 
 `apply_strategy` registers it for every LoRA config through PEFT's custom-module API
-(`LoraConfig._register_custom_module`); an adapter saved from it is an ordinary PEFT LoRA adapter.
+(`LoraConfig._register_custom_module`); an adapter saved from it is an ordinary PEFT LoRA adapter. The `reference`
+backend (`sam2_peft.speed.select_backend`) turns the in-place update off (`in_place = False` on each layer), so that
+the layer runs exactly PEFT's `lora.Linear.forward`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ from torch import nn
 
 
 class InPlaceLoraLinear(LoraLinear):
-    """PEFT's `lora.Linear`, with the plain-LoRA update added in place to the base layer's fresh output."""
+    """PEFT's `lora.Linear`, with the plain-LoRA update added in place to the base layer's fresh output.
+
+    Attributes:
+        in_place: whether plain LoRA takes the in-place path; False runs PEFT's forward (the reference).
+    """
+
+    in_place = True
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args or kwargs or not self._in_place_applies():
@@ -46,7 +54,7 @@ class InPlaceLoraLinear(LoraLinear):
         return flat.view(*x.shape[:-1], flat.shape[-1])
 
     def _in_place_applies(self) -> bool:
-        if self.disable_adapters or self.merged:
+        if not self.in_place or self.disable_adapters or self.merged:
             return False
         return all(
             name not in self.lora_variant
