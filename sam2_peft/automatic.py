@@ -52,6 +52,7 @@ from sam2_peft.data.transforms import Preprocessor
 from sam2_peft.metrics.instances import aggregate_matches, match_instances
 from sam2_peft.segmenter import POSITIVE, Sam2Segmenter
 
+
 def check_options(height: int, width: int, *, points_per_side: int, points_per_batch: int, pred_iou_thresh: float,
                   stability_score_thresh: float, stability_score_offset: float, box_nms_thresh: float,
                   min_mask_region_area: int) -> None:

@@ -35,8 +35,8 @@ from sam2_peft.interop.official_checkpoint import (
     read_official_checkpoint,
 )
 from sam2_peft.interop.official_config import official_yaml_path
-from sam2_peft.interop.official_video_config import config_mismatches, official_name_for
 from sam2_peft.interop.official_keys import hf_to_official, is_video_only, key_problems
+from sam2_peft.interop.official_video_config import config_mismatches, official_name_for
 from sam2_peft.models import build_image_processor, build_video_processor
 
 logger = logging.getLogger(__name__)

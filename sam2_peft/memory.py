@@ -28,6 +28,7 @@ from torch import nn
 from sam2_peft.family import image_trunk
 from sam2_peft.segmenter import base_sam2, model_device
 from sam2_peft.speed import Backend, select_backend
+
 # The strips are a fast path (the backend picks them); `checkpoint_whole` is also the decoder's checkpoint here.
 from sam2_peft.speed.strips import checkpoint_in_strips, checkpoint_whole  # noqa: F401 (re-exported)
 

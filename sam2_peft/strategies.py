@@ -16,15 +16,15 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import warnings
 from collections.abc import Sequence
 
 from peft import PEFT_TYPE_TO_CONFIG_MAPPING, LoraConfig, PeftConfig, PeftModel, PeftType, get_peft_model
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from sam2_peft.family import Trunk, allow_peft
+from sam2_peft.family import VIDEO_ONLY_PREFIXES, Trunk, allow_peft
 from sam2_peft.speed.fused_lora import InPlaceLoraLinear
-from sam2_peft.family import VIDEO_ONLY_PREFIXES
 from sam2_peft.targets import (
     PRESET_NAMES,
     model_trunk,
@@ -232,7 +232,11 @@ def _wrap(model: nn.Module, config: PeftConfig, names: list[str]) -> PeftModel:
     if lora and all(type(model.get_submodule(name)) is nn.Linear for name in names):
         config._register_custom_module({nn.Linear: InPlaceLoraLinear})
     allow_peft(model)
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` alias while wrapping: a FutureWarning
+        # on every run that a user can do nothing about.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def _refuse_oft(names: list[str]) -> None:

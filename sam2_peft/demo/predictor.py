@@ -25,10 +25,10 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from sam2_peft.data.nifti import read_volume
 from sam2_peft.data.config import INTENSITY_FIELDS, DataConfig
 from sam2_peft.data.intensity import IntensityConfig, normalize_intensity
 from sam2_peft.data.io import DataError, read_file, to_hwc
+from sam2_peft.data.nifti import read_volume
 from sam2_peft.data.sources import NIFTI_SUFFIXES
 from sam2_peft.data.transforms import Preprocessor
 from sam2_peft.hub import DomainAdapters, adapter_preprocessing, load_adapter, resolve_adapter, resolve_data_config

@@ -16,6 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from torch import nn
 
+from sam2_peft.data.config import DataConfig
 from sam2_peft.hub.files import (
     MODEL_CARD,
     PEFT_CONFIG,
@@ -24,7 +25,6 @@ from sam2_peft.hub.files import (
     TRAINED_TENSORS,
     adapter_files,
     atomic_folder,
-    base_fingerprint as fingerprint_of,
     header_shapes,
     image_fingerprint,
     is_hub_id,
@@ -33,7 +33,9 @@ from sam2_peft.hub.files import (
     touches_memory,
     write_sam2_peft_json,
 )
-from sam2_peft.data.config import DataConfig
+from sam2_peft.hub.files import (
+    base_fingerprint as fingerprint_of,
+)
 from sam2_peft.hub.preprocessing import write_preprocessing
 from sam2_peft.segmenter import base_sam2
 from sam2_peft.targets import is_video_model

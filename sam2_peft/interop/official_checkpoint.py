@@ -22,8 +22,8 @@ from transformers.initialization import no_init_weights
 
 from sam2_peft.errors import UserError
 from sam2_peft.interop.official_config import guess_official_config, official_to_hf_config
-from sam2_peft.interop.official_video_config import official_to_hf_video_config
 from sam2_peft.interop.official_keys import is_video_only, key_problems, official_to_hf
+from sam2_peft.interop.official_video_config import official_to_hf_video_config
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,12 @@ from sam2_peft.speed.fused_lora import InPlaceLoraLinear
 from sam2_peft.speed.hiera import fuses, hiera_block
 from sam2_peft.speed.layers import has_hooks, pointwise_conv
 from sam2_peft.speed.strips import checkpoint_in_strips, checkpoint_whole
-from sam2_peft.speed.versions import check_transformers, installed_transformers, transformers_supported
-from sam2_peft.speed.versions import unsupported_message
+from sam2_peft.speed.versions import (
+    check_transformers,
+    installed_transformers,
+    transformers_supported,
+    unsupported_message,
+)
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 

@@ -14,9 +14,8 @@ without failing. So they run only on the versions the suite passed on (tests/spe
 
 from __future__ import annotations
 
-from importlib.metadata import version
-
 import re
+from importlib.metadata import version
 
 from packaging.specifiers import SpecifierSet
 

@@ -3,7 +3,6 @@
 import sys
 from pathlib import Path
 
-import torch
 from accelerate import PartialState
 from safetensors.torch import save_file
 

@@ -14,7 +14,6 @@ from transformers.models.sam2_video.video_processing_sam2_video import Sam2Video
 from sam2_peft import finetune
 from sam2_peft.checkpoints import save_checkpoint
 from sam2_peft.cli import main
-from sam2_peft.data.clip_frames import read_video
 from sam2_peft.errors import ConfigError
 from sam2_peft.hub import load_adapted, requires_video_model
 from sam2_peft.models import load_sam2
