@@ -15,16 +15,21 @@ from sam2_peft.segmenter import base_sam2  # noqa: E402
 import sam2_peft.tasks as tasks_module  # noqa: E402
 
 captured = {}
-original = tasks_module.InteractiveSegmenter
 
 
-class Recording(original):
-    def __init__(self, model, **options):
-        super().__init__(model, **options)
-        captured["model"] = model
+def recording(module_class):
+    """`module_class` (the image or the video training module), remembering the model it wraps."""
+
+    class Recording(module_class):
+        def __init__(self, model, **options):
+            super().__init__(model, **options)
+            captured["model"] = model
+
+    return Recording
 
 
-tasks_module.InteractiveSegmenter = Recording
+tasks_module.InteractiveSegmenter = recording(tasks_module.InteractiveSegmenter)
+tasks_module.ClipSegmenter = recording(tasks_module.ClipSegmenter)
 cfg = parse_config(sys.argv[1:])
 finetune(cfg)
 rank = PartialState().process_index
