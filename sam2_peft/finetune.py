@@ -95,8 +95,9 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
             automatic_checkpoint_naming=True,
             total_limit=cfg.checkpoint_total_limit,
         ),
-        # A seeded sampler gives every epoch the same order on every run, which resuming relies on.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # A seeded sampler gives every epoch the same order on every run, which resuming relies on; on a GPU the
+        # batches come from pinned memory, so their copies need not wait (`loader_options`).
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=torch.cuda.is_available()),
         # Multimask training leaves the single-mask output head without gradient.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
@@ -171,9 +172,10 @@ def build_run(accelerator: Accelerator, cfg: TrainConfig, splits, model, base_fi
     task = TASKS[cfg.task]
     parts = task.build(cfg, model, splits, base_fingerprint, accelerator)
     accelerator.print(parts.message)
-    loader_options = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=parts.collate)
-    train_loader = DataLoader(parts.train_set, shuffle=True, **loader_options)
-    val_loader = DataLoader(parts.val_set, shuffle=False, **loader_options)
+    options = dict(batch_size=cfg.batch_size, collate_fn=parts.collate,
+                   **loader_options(cfg.num_workers, accelerator.device, accelerator.num_processes))
+    train_loader = DataLoader(parts.train_set, shuffle=True, **options)
+    val_loader = DataLoader(parts.val_set, shuffle=False, **options)
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     module, optimizer, train_loader, val_loader = accelerator.prepare(parts.module, optimizer, train_loader, val_loader)
     initialise_optimizer_state(optimizer)
@@ -186,6 +188,19 @@ def build_run(accelerator: Accelerator, cfg: TrainConfig, splits, model, base_fi
         base_fingerprint=base_fingerprint, train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps, eval_steps=eval_steps,
         checkpoint_steps=cfg.checkpoint_steps or eval_steps,
     )  # fmt: skip
+
+
+def loader_options(num_workers: int | None, device: torch.device, num_processes: int) -> dict:
+    """Worker processes, pinned memory and prefetching for the DataLoaders: none on CPU (workers would take the
+    cores the training uses), on a GPU enough workers to keep it fed, so decoding and resizing overlap the steps."""
+    cuda = device.type == "cuda"
+    if num_workers is None:
+        num_workers = min(8, (os.cpu_count() or 1) // num_processes) if cuda else 0
+    options = {"num_workers": num_workers, "pin_memory": cuda}
+    if num_workers > 0:
+        # Not persistent: `set_epoch` must reach the workers (see `data.batching`).
+        options.update(prefetch_factor=4, persistent_workers=False)
+    return options
 
 
 def start_or_resume(run: Run) -> None:

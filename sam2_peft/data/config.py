@@ -63,7 +63,7 @@ class DataConfig:
     ct_window: str | None = _help("CT window instead: abdomen, lung, bone, or 'level,width' (e.g. '40,400'); none unsets one from --config. Unset: the adapter's, else none.", default=None)
     keep_empty_images: bool = _help("Keep images without objects as negatives for the object-score head.", default=False)
     min_object_area: int = _help("Objects with fewer pixels are dropped (and counted).", default=16)
-    num_workers: int = _help("DataLoader worker processes.", default=0)
+    num_workers: int | None = _help("DataLoader worker processes. Unset: 0 on CPU (workers would take the training's cores), on a GPU min(8, CPU cores per process), with pinned memory and non-blocking copies.", default=None)
     task: str = _help("image: 2-D images (NIfTI volumes as slices); video: clips, from videos/<clip>/ frame folders with masks/<clip>/, or NIfTI volumes as clips of slices along `nifti_axis`.", default="image")
     clip_length: int = _help("task video: consecutive frames per training clip (shorter clips use all their frames); evaluation reads whole clips.", default=8)
 
@@ -74,7 +74,7 @@ class DataConfig:
             raise ConfigError(f"`--val_fraction` must be in [0, 1), got {self.val_fraction}.")
         if self.num_classes is not None and self.num_classes < 1:
             raise ConfigError(f"`--num_classes` must be at least 1, got {self.num_classes}.")
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"`--num_workers` must be >= 0, got {self.num_workers}.")
         if self.ct_window is not None and self.ct_window.lower() in ("", "none"):
             self.ct_window = None  # `--ct_window none` unsets a YAML's window

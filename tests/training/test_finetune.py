@@ -209,3 +209,12 @@ def test_resume_with_gradient_accumulation_ends_like_an_uninterrupted_run(tmp_pa
     assert whole.keys() == resumed.keys()
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), f"{name} differs after resuming mid-accumulation run"
+
+
+def test_loader_options_feed_a_gpu_and_leave_the_cpu_cores_to_training(monkeypatch):
+    monkeypatch.setattr(finetune_module.os, "cpu_count", lambda: 16)
+    assert finetune_module.loader_options(None, torch.device("cpu"), 1) == {"num_workers": 0, "pin_memory": False}
+    assert finetune_module.loader_options(None, torch.device("cuda"), 4) == {
+        "num_workers": 4, "pin_memory": True, "prefetch_factor": 4, "persistent_workers": False}
+    assert finetune_module.loader_options(None, torch.device("cuda"), 1)["num_workers"] == 8
+    assert finetune_module.loader_options(0, torch.device("cuda"), 1) == {"num_workers": 0, "pin_memory": True}
