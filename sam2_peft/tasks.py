@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sam2_peft.caching import CachePlan, plan_cache, preprocessing_key
+from sam2_peft.caching import CachePlan, FrameCache, plan_cache, preprocessing_key
+from sam2_peft.caching.policy import entry_gigabytes
 from sam2_peft.data import AugmentConfig, Preprocessor, PromptConfig, SegmentationDataset, collate_objects
 from sam2_peft.data.clips import ClipDataset, collate_clips
 from sam2_peft.interactive import InteractiveSegmenter
@@ -117,14 +118,28 @@ class VideoTask:
         val_set = ClipDataset(splits["val"], preprocessor, prompts="box", split="val", **common)
         module = ClipSegmenter(model)
         frozen = not any(p.requires_grad for p in module.segmenter.sam.vision_encoder.parameters())
-        message = (
-            "Features: the image encoder is frozen; each clip's frames are encoded once per step, without autograd."
-            if frozen else "Features: the image encoder trains; each clip's frames are encoded once per step."
-        )
-        return RunParts(train_set=train_set, val_set=val_set, collate=collate_clips, module=module, message=message)
+        parts = RunParts(train_set=train_set, val_set=val_set, collate=collate_clips, module=module, message="")
+        if not frozen:
+            parts.message = "Feature cache: off: the image encoder trains; each clip's frames are encoded every step."
+        elif not cfg.cache_features:
+            parts.message = ("Feature cache: off (--cache_features false); the frozen image encoder runs on each "
+                             "clip's frames every step, without autograd.")
+        else:
+            frames = sum(len(clip) for clip in train_set.clips) + sum(len(clip) for clip in val_set.clips)
+            parts.message = (f"Feature cache: on (frames): the image encoder is frozen, so each frame's features are "
+                             f"computed once (about {entry_gigabytes(model, 'features') * frames:.1f} GB for "
+                             f"{frames} frames).")
+            parts.train_cache, parts.val_cache = (
+                FrameCache(base_fingerprint, preprocessing_key(clips), directory=cfg.cache_dir)
+                for clips in (train_set, val_set)
+            )
+        return parts
 
     def prepare_batch(self, run, batch, validating: bool = False) -> None:
-        """Nothing to attach: a clip's frames are encoded once inside the step."""
+        """Attach the cached frame maps to each clip of `batch` (the cache computes what it lacks)."""
+        cache = run.parts.val_cache if validating else run.parts.train_cache
+        if cache is not None:
+            cache.attach(run.accelerator.unwrap_model(run.module).segmenter, batch)
 
     def num_objects(self, batch) -> int:
         return sum(len(clip["object_ids"]) for clip in batch)
@@ -142,7 +157,8 @@ class VideoTask:
         return video_loss(outputs, batch, loss_weights(cfg), num_objects)
 
     def validate(self, run, correction_rounds: int) -> dict[str, float]:
-        return validate_clips(run.module, run.val_loader, run.accelerator)
+        attach = None if run.parts.val_cache is None else (lambda clips: self.prepare_batch(run, clips, True))
+        return validate_clips(run.module, run.val_loader, run.accelerator, attach)
 
 
 TASKS = {"image": ImageTask(), "video": VideoTask()}

@@ -19,12 +19,13 @@ from sam2_peft.caching.policy import (
     plan_cache,
     trainable_encoder_parameters,
 )
-from sam2_peft.caching.storage import FeatureCache, PrefixCache, pixel_checksum, preprocessing_key
+from sam2_peft.caching.storage import FeatureCache, FrameCache, PrefixCache, pixel_checksum, preprocessing_key
 
 __all__ = [
     "DEFAULT_CACHE_VIEWS",
     "CachePlan",
     "FeatureCache",
+    "FrameCache",
     "PrefixCache",
     "first_trainable_block",
     "pixel_checksum",

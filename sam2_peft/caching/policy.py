@@ -115,7 +115,7 @@ def plan_cache(
         f"blocks {start}-{blocks - 1} and the neck run on every step"
     )
     views = num_views if changes_pixels else 1
-    size = "" if num_images is None else f" (about {_cache_gigabytes(model, kind, start) * num_images * views:.1f} GB)"
+    size = "" if num_images is None else f" (about {entry_gigabytes(model, kind, start) * num_images * views:.1f} GB)"
     if changes_pixels:
         how = (f"Augmentation changes the pixels, so the cache keeps {views} augmented view(s) per image{size}: the "
                f"augmentation draws repeat every {views} epoch(s) (--cache_views), and the encoder runs only in "
@@ -125,7 +125,7 @@ def plan_cache(
     return CachePlan(kind, start, views, f"Feature cache: on ({kind}): {what}. {how}")
 
 
-def _cache_gigabytes(model: nn.Module, kind: str, start: int | None) -> float:
+def entry_gigabytes(model: nn.Module, kind: str, start: int | None = None) -> float:
     """Bytes of one cache entry in float32, from the configuration alone, in GB."""
     sam = base_sam2(model)
     if kind == "features":

@@ -209,6 +209,30 @@ class FeatureCache:
 _DTYPES = ["float32", "bfloat16", "float16", "float64"]
 
 
+class FrameCache(FeatureCache):
+    """Frozen-encoder cache for clips: each frame's FPN maps, computed once, keyed by clip and frame.
+
+    Clips are not augmented, so a frame's pixels are the same in every window that holds it; the pixel checksum
+    still guards every entry.
+
+    Example:
+        >>> cache = FrameCache(fingerprint, preprocessing_key(train_clips))
+        >>> cache.attach(clip_segmenter.segmenter, clips)       # each clip gets `frame_levels`
+    """
+
+    kind = "frames"
+
+    def _compute(self, segmenter: nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        return segmenter.encode_levels(pixel_values, frozen=True)
+
+    def attach(self, segmenter: nn.Module, batch: list[dict], view: int = 0) -> None:
+        """Put each clip's frame maps into it as `frame_levels`, which `video.ClipSegmenter` reads."""
+        for clip in batch:
+            frames = {"pixel_values": clip["pixel_values"],
+                      "image_ids": [f"{clip['clip_id']}/{index}" for index in clip["frame_indices"]]}
+            clip["frame_levels"] = self.features(segmenter, frames, view)
+
+
 class PrefixCache(FeatureCache):
     """Frozen-prefix cache: the activations entering block `start_block`, computed once; the rest runs per step.
 

@@ -259,6 +259,10 @@ class ClipDataset(torch.utils.data.Dataset):
         report.skipped = +report.skipped
         return report
 
+    # Clips are not augmented (yet): their pixels are the same every epoch, which frame caches rely on.
+    augment = None
+    changes_pixels = False
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose random draws `__getitem__` makes (call before iterating each epoch)."""
         self.epoch = int(epoch)

@@ -134,26 +134,33 @@ class VideoSegmenter(nn.Module):
         return base_sam2(self.model)
 
     def encode_frames(self, pixel_values: torch.Tensor, *, frozen: bool | None = None) -> FrameFeatures:
-        """Encode a clip's frames, (T, 3, S, S) -> `FrameFeatures`.
+        """Encode a clip's frames, (T, 3, S, S) -> `FrameFeatures` (`encode_levels`, then `project`)."""
+        return self.project(self.encode_levels(pixel_values, frozen=frozen))
+
+    def encode_levels(self, pixel_values: torch.Tensor, *, frozen: bool | None = None) -> list[torch.Tensor]:
+        """The image encoder's FPN maps of (T, 3, S, S) frames: (T, C, S/4, S/4), (T, C, S/8, S/8), (T, C, S/16, S/16)
+        (what `caching.FrameCache` keeps for a frozen encoder).
 
         Args:
-            frozen: run the image encoder without autograd (its parameters get no gradient); the decoder's level
-                projections still train. Default: when no encoder parameter requires grad.
+            frozen: run the image encoder without autograd (its parameters get no gradient). Default: when no
+                encoder parameter requires grad.
         """
-        sam = self.sam
-        encoder = sam.vision_encoder
+        encoder = self.sam.vision_encoder
         if frozen is None:
             frozen = not any(p.requires_grad for p in encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            encoded = encoder(pixel_values, return_dict=True)
-        maps = list(encoded.fpn_hidden_states)
-        maps[0] = sam.mask_decoder.conv_s0(maps[0])
-        maps[1] = sam.mask_decoder.conv_s1(maps[1])
+            return list(encoder(pixel_values, return_dict=True).fpn_hidden_states)
+
+    def project(self, levels: list[torch.Tensor]) -> FrameFeatures:
+        """FPN maps -> `FrameFeatures`: the first two levels through the decoder's `conv_s0` / `conv_s1` (which train
+        with the decoder), and the last level's position encoding, as `Sam2VideoModel.get_image_features` does."""
+        sam = self.sam
+        last = levels[-1]
+        position = sam.vision_encoder.neck.position_encoding(last.shape, last.device, last.dtype).to(last.dtype)
+        maps = [sam.mask_decoder.conv_s0(levels[0]), sam.mask_decoder.conv_s1(levels[1]), *levels[2:]]
         # (T, C, H, W) -> (HW, T, C)
-        return FrameFeatures(
-            maps=[level.flatten(2).permute(2, 0, 1) for level in maps],
-            position=encoded.fpn_position_encoding[-1].flatten(2).permute(2, 0, 1),
-        )
+        return FrameFeatures(maps=[level.flatten(2).permute(2, 0, 1) for level in maps],
+                             position=position.flatten(2).permute(2, 0, 1))
 
     def forward(
         self,

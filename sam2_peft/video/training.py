@@ -49,7 +49,7 @@ class ClipSegmenter(nn.Module):
         for clip in clips:
             if clip["prompt_frames"].any():
                 raise ValueError(f"Clip {clip['clip_id']!r}: training clips are prompted on their first frame.")
-            features = self.segmenter.encode_frames(clip["pixel_values"])
+            features = self._features(clip)
             corrections = _correction_plan(clip, correction_rounds, correction_frames, generator)
             results.append(
                 self.segmenter(features, clip["point_coords"], clip["point_labels"], clip.get("mask_inputs"),
@@ -60,7 +60,13 @@ class ClipSegmenter(nn.Module):
     @torch.no_grad()
     def track(self, clip: dict) -> torch.Tensor:
         """Track a clip's objects from their prompt frames: (T, N, h, w) logits (`tracking.track_clip`)."""
-        return track_clip(self.segmenter, clip)
+        return track_clip(self.segmenter, clip, self._features(clip))
+
+    def _features(self, clip: dict):
+        """The clip's frames encoded here, or projected from the cached maps (`caching.FrameCache`)."""
+        if clip.get("frame_levels") is not None:
+            return self.segmenter.project(clip["frame_levels"])
+        return self.segmenter.encode_frames(clip["pixel_values"])
 
 
 def _correction_plan(clip: dict, rounds: int, frames: int, generator: torch.Generator | None) -> dict:
@@ -118,11 +124,11 @@ def video_loss(
 
 
 @torch.no_grad()
-def validate_clips(module: nn.Module, loader, accelerator) -> dict:
+def validate_clips(module: nn.Module, loader, accelerator, attach_cache=None) -> dict:
     """J, F, J&F and Dice over the objects of every clip of `loader`, at the frames' original resolution.
 
     Per-clip scores are gathered with `gather_for_metrics`, which drops the duplicates that pad the last batch
-    under data parallelism.
+    under data parallelism. `attach_cache(clips)`, when given, adds cached frame maps to each batch.
 
     Returns:
         `j`, `f`, `j_and_f`, `dice` (means over objects, `metrics.video.aggregate_clips`) and `num_objects`.
@@ -131,6 +137,8 @@ def validate_clips(module: nn.Module, loader, accelerator) -> dict:
     tracker = accelerator.unwrap_model(module)
     scores = []
     for clips in loader:
+        if attach_cache is not None:
+            attach_cache(clips)
         batch_scores = []
         for clip in clips:
             with accelerator.autocast():  # as in training (FSDP2 does not autocast by itself)

@@ -17,6 +17,7 @@ from sam2_peft.cli import main
 from sam2_peft.errors import ConfigError
 from sam2_peft.hub import load_adapted, requires_video_model
 from sam2_peft.models import load_sam2
+from sam2_peft.video import VideoSegmenter
 from sam2_peft.video.tracking import track_video
 
 from test_video_segmenter import moving_blobs
@@ -156,3 +157,27 @@ def test_video_run_resumes_bit_identically(tmp_path, monkeypatch):
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
     assert not torch.equal(straight["memory_attention.layers.0.self_attn.q_proj.weight"],
                            load_sam2("tiny-random-video", video=True).state_dict()["memory_attention.layers.0.self_attn.q_proj.weight"])
+
+
+def test_frozen_encoder_runs_once_per_frame_with_the_frame_cache(tmp_path, monkeypatch):
+    """With the `memory` strategy the encoder is frozen: each frame is encoded once, and training matches a run
+    that encodes every frame every step (up to float rounding: the encoder then sees other batches of frames)."""
+    encoded = []
+    encode_levels = VideoSegmenter.encode_levels
+    monkeypatch.setattr(VideoSegmenter, "encode_levels",
+                        lambda self, pixels, **options: encoded.append(len(pixels)) or encode_levels(self, pixels, **options))
+    common = ["train", "--model", "tiny-random-video", "--task", "video", "--data", SAMPLE, "--strategy", "memory",
+              "--max_steps", "6", "--batch_size", "2", "--clip_length", "4", "--eval_steps", "3", "--logging_steps", "3"]
+    main([*common, "--output_dir", str(tmp_path / "cached")])
+    cached_frames, encoded[:] = sum(encoded), []
+    main([*common, "--output_dir", str(tmp_path / "uncached"), "--cache_features", "false"])
+    # 21 training and 8 validation frames, each once; uncached, every step's: 3 clips per epoch in batches of 2 and 1
+    # make 6 steps of 9 windows of 4 frames, and 3 validations (before training, steps 3 and 6) of 8.
+    assert cached_frames <= 21 + 8 and sum(encoded) == 9 * 4 + 3 * 8
+    cached = load_file(tmp_path / "cached" / "final" / "trained_tensors.safetensors")
+    uncached = load_file(tmp_path / "uncached" / "final" / "trained_tensors.safetensors")
+    for name, tensor in cached.items():
+        torch.testing.assert_close(tensor, uncached[name], rtol=0, atol=1e-4, msg=name)
+    history = [json.loads((tmp_path / run / "history.json").read_text())["history"] for run in ("cached", "uncached")]
+    losses = [[row["loss"] for row in rows if "loss" in row] for rows in history]
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
