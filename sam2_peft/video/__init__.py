@@ -7,7 +7,8 @@
 `evaluate_video` (`sam2-peft eval --task video`).
 """
 
-from sam2_peft.video.segmenter import FrameFeatures, FrameOutput, VideoSegmenter
+from sam2_peft.video.frames import FrameFeatures, FrameOutput
+from sam2_peft.video.segmenter import VideoSegmenter
 from sam2_peft.video.tracking import Tracking, logits_at_original_size, track_clip, track_video
 
 __all__ = ["FrameFeatures", "FrameOutput", "Tracking", "VideoSegmenter", "logits_at_original_size", "track_clip",

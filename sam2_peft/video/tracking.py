@@ -26,7 +26,8 @@ from sam2_peft.data.intensity import IntensityConfig
 from sam2_peft.data.transforms import Preprocessor
 from sam2_peft.prediction import save_label_map
 from sam2_peft.reports import save_overlay_strip
-from sam2_peft.video.segmenter import NO_OBJECT_SCORE, FrameFeatures, VideoSegmenter
+from sam2_peft.video.frames import FrameFeatures
+from sam2_peft.video.segmenter import NO_OBJECT_SCORE, VideoSegmenter
 
 # Frames encoded per image-encoder call while tracking (bounds the encoder's activation memory).
 ENCODE_CHUNK = 8

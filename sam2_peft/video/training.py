@@ -20,7 +20,8 @@ from torch import nn
 from sam2_peft.data.prompts import sample_correction_clicks
 from sam2_peft.losses import LossWeights, downsample_targets, sam2_multistep_loss
 from sam2_peft.metrics.video import aggregate_clips, score_clip
-from sam2_peft.video.segmenter import FrameOutput, VideoSegmenter
+from sam2_peft.video.frames import FrameOutput
+from sam2_peft.video.segmenter import VideoSegmenter
 from sam2_peft.video.tracking import logits_at_original_size, track_clip
 
 
