@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 
 from sam2_peft.caching import CachePlan, FrameCache, plan_cache, preprocessing_key
@@ -121,6 +122,9 @@ class VideoTask:
         parts = RunParts(train_set=train_set, val_set=val_set, collate=collate_clips, module=module, message="")
         if not frozen:
             parts.message = "Feature cache: off: the image encoder trains; each clip's frames are encoded every step."
+        elif accelerator.distributed_type == DistributedType.FSDP:
+            # The cache runs the encoder outside the sharded module's forward, where FSDP holds only a shard of it.
+            parts.message = "Feature cache: off under FSDP; the frozen image encoder runs on each clip every step."
         elif not cfg.cache_features:
             parts.message = ("Feature cache: off (--cache_features false); the frozen image encoder runs on each "
                              "clip's frames every step, without autograd.")
@@ -139,7 +143,8 @@ class VideoTask:
         """Attach the cached frame maps to each clip of `batch` (the cache computes what it lacks)."""
         cache = run.parts.val_cache if validating else run.parts.train_cache
         if cache is not None:
-            cache.attach(run.accelerator.unwrap_model(run.module).segmenter, batch)
+            with run.accelerator.autocast():  # the maps the uncached forward would compute, under the same autocast
+                cache.attach(run.accelerator.unwrap_model(run.module).segmenter, batch)
 
     def num_objects(self, batch) -> int:
         return sum(len(clip["object_ids"]) for clip in batch)

@@ -25,6 +25,7 @@ counted in `report`. There is no augmentation yet.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -207,6 +208,8 @@ class ClipDataset(torch.utils.data.Dataset):
     ):
         if isinstance(prompts, str):
             prompts = EvalPrompt.parse(prompts)
+        if isinstance(prompts, PromptConfig) and prompts.mask_prompts:
+            raise ValueError("Clips take box or click prompts; mask prompts (mask_prompts=True) are not supported.")
         if clip_length is not None and clip_length < 1:
             raise ValueError(f"clip_length={clip_length} must be >= 1 (or None for whole clips).")
         if max_objects_per_clip is not None and max_objects_per_clip < 1:
@@ -288,7 +291,8 @@ class ClipDataset(torch.utils.data.Dataset):
         item = {
             "pixel_values": self._pixel_values(clip_index, frames),
             "masks": model_labels[:, None] == torch.from_numpy(ids)[None, :, None, None],
-            "object_present": torch.from_numpy(full_masks.any(axis=(2, 3))),
+            # Present where the target the loss sees (at model resolution) has the object.
+            "object_present": (model_labels[:, None] == torch.from_numpy(ids)[None, :, None, None]).flatten(2).any(-1),
             "prompt_frames": torch.from_numpy(first),
             "point_coords": prompts.point_coords,
             "point_labels": prompts.point_labels,
@@ -341,7 +345,11 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def _prompts(self, full_masks: np.ndarray, first: np.ndarray, rng: np.random.Generator) -> Prompts:
         if not self.evaluating:
-            return simulate_prompts(full_masks[0], self.preprocessor, self.prompts, rng)
+            # One kind of prompt per clip (box or clicks), as official training draws it once per batch: SAM2 decodes
+            # a box to one mask and a click to three, and a clip's objects are decoded together.
+            boxes = rng.random() < self.prompts.box_prob
+            config = dataclasses.replace(self.prompts, box_prob=1.0 if boxes else 0.0)
+            return simulate_prompts(full_masks[0], self.preprocessor, config, rng)
         per_object: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(first)
         for frame in np.unique(first).tolist():
             chosen = np.flatnonzero(first == frame)

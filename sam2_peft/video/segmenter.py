@@ -26,6 +26,10 @@ from transformers import Sam2VideoModel
 from sam2_peft.segmenter import base_sam2
 from sam2_peft.video.frames import FrameFeatures, FrameOutput
 
+# The label of a padding point, which the prompt encoder ignores.
+PADDING_LABEL = -10
+# Frames per image-encoder call (bounds the encoder's activation memory on long clips).
+ENCODE_CHUNK = 8
 # transformers' (and official SAM2's) logit for "no object here" (sigmoid(-1024) = 0).
 NO_OBJECT_SCORE = -1024.0
 # `_use_mask_as_output`'s logits of a binary mask prompt: -10 outside, +10 inside.
@@ -56,6 +60,18 @@ def _resize(x: torch.Tensor, size, *, antialias: bool = False) -> torch.Tensor:
     resized = F.interpolate(x.float() if low_precision else x, size=tuple(size), mode="bilinear", align_corners=False,
                             antialias=antialias)
     return resized.to(x.dtype)
+
+
+def _prompt_points(point_labels: torch.Tensor) -> int:
+    """The objects' number of prompt points (padding, label -10, left out), which must be the same for all: it decides
+    between one mask and three, for all objects decoded together (`tracking.track_clip` groups them)."""
+    counts = (point_labels != PADDING_LABEL).sum(dim=1).unique()
+    if len(counts) > 1:
+        raise ValueError(
+            f"The objects have {counts.tolist()} prompt points: SAM2 decodes a box (two points) to one mask and a "
+            "click to three, so objects prompted differently are tracked in separate calls (as `track_clip` does)."
+        )
+    return int(counts[0]) if len(counts) else 0
 
 
 class VideoSegmenter(nn.Module):
@@ -100,7 +116,10 @@ class VideoSegmenter(nn.Module):
         if frozen is None:
             frozen = not any(p.requires_grad for p in encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            return list(encoder(pixel_values, return_dict=True).fpn_hidden_states)
+            # A few frames per encoder call: whole videos and volumes would hold every frame's activations at once.
+            chunks = [encoder(pixel_values[start : start + ENCODE_CHUNK], return_dict=True).fpn_hidden_states
+                      for start in range(0, len(pixel_values), ENCODE_CHUNK)]
+        return [torch.cat(levels) if len(chunks) > 1 else levels[0] for levels in zip(*chunks)]
 
     def project(self, levels: list[torch.Tensor]) -> FrameFeatures:
         """FPN maps -> `FrameFeatures`: the first two levels through the decoder's `conv_s0` / `conv_s1` (which train
@@ -158,7 +177,7 @@ class VideoSegmenter(nn.Module):
             elif frame == prompt_frame:
                 # (HW, N, C) + the no-memory token -> (N, C, h, w)
                 conditioned = self._to_map(maps[-1] + sam.no_memory_embedding)
-                multimask = self._use_multimask(True, point_labels.shape[1])
+                multimask = self._use_multimask(True, _prompt_points(point_labels))
                 steps = [self._decode(conditioned, maps, point_coords, point_labels, None, multimask=multimask)]
                 steps += self._correct(frame, conditioned, maps, steps[-1], corrections, point_coords, point_labels)
             else:
@@ -267,8 +286,8 @@ class VideoSegmenter(nn.Module):
             masks = _resize(masks, (size, size), antialias=True)
         high_res = masks * MASK_OUT_SCALE + MASK_OUT_BIAS
         low_res = _resize(high_res, sam.prompt_encoder.mask_input_size, antialias=True)
-        # The raw last level, without the no-memory token, and the best of three candidates' token (as transformers
-        # and official SAM2 do here).
+        # The raw last level, without the no-memory token, and the best of three candidates' token, as transformers
+        # does here (official SAM2 takes the single-mask token; the parity tests follow transformers).
         decoded = self._decode(self._to_map(maps[-1]), maps, None, None, sam.mask_downsample(masks), multimask=True)
         appearing = mask_inputs.flatten(1).float().gt(0).any(dim=1, keepdim=True)
         object_logits = MASK_OUT_SCALE * appearing.to(dtype) + MASK_OUT_BIAS

@@ -27,10 +27,7 @@ from sam2_peft.data.transforms import Preprocessor
 from sam2_peft.prediction import save_label_map
 from sam2_peft.reports import save_overlay_strip
 from sam2_peft.video.frames import FrameFeatures
-from sam2_peft.video.segmenter import NO_OBJECT_SCORE, VideoSegmenter
-
-# Frames encoded per image-encoder call while tracking (bounds the encoder's activation memory).
-ENCODE_CHUNK = 8
+from sam2_peft.video.segmenter import ENCODE_CHUNK, NO_OBJECT_SCORE, PADDING_LABEL, VideoSegmenter
 
 
 def track_clip(
@@ -38,11 +35,12 @@ def track_clip(
     item: dict,
     features: FrameFeatures | None = None,
     num_frames: int | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Prompt every object on its prompt frame and track it to the end of the clip.
 
-    Objects that share a prompt frame are tracked together (batched); an object has no mask before its prompt
-    frame.
+    Objects that share a prompt frame and a kind of prompt (a box, K clicks) are tracked together (batched); an
+    object has no mask before its prompt frame.
 
     Args:
         segmenter: the model to track with.
@@ -50,6 +48,7 @@ def track_clip(
             `mask_inputs` (N, 1, S, S), and `prompt_frames` (N,) (default: all 0).
         features: the clip's encoded frames, if already computed.
         num_frames: the whole video's length (default the clip's).
+        progress: show a progress bar over the frames.
 
     Returns:
         (T, N, h, w) low-resolution logits of the chosen masks, `NO_OBJECT_SCORE` where an object is absent or not
@@ -64,15 +63,18 @@ def track_clip(
         prompt_frames = torch.zeros(num_objects, dtype=torch.int64)
     height, width = segmenter.sam.prompt_encoder.mask_input_size
     logits = features.position.new_full((features.num_frames, num_objects, height, width), NO_OBJECT_SCORE)
-    for frame in sorted(set(prompt_frames.tolist())):
-        group = (prompt_frames == frame).nonzero()[:, 0].to(some_prompt.device)
+    points = prompt_frames.new_zeros(num_objects) if labels is None else (labels != PADDING_LABEL).sum(1).cpu()
+    for frame, count in sorted(set(zip(prompt_frames.tolist(), points.tolist()))):
+        group = ((prompt_frames == frame) & (points == count)).nonzero()[:, 0].to(some_prompt.device)
         outputs = segmenter(
             features,
-            point_coords=None if mask_inputs is not None else coords[group],
-            point_labels=None if mask_inputs is not None else labels[group],
+            # Only the group's own points: a padding point would still be a (zero) token the decoder attends to.
+            point_coords=None if mask_inputs is not None else coords[group, :count],
+            point_labels=None if mask_inputs is not None else labels[group, :count],
             mask_inputs=None if mask_inputs is None else mask_inputs[group],
             prompt_frame=frame,
             num_frames=num_frames,
+            progress=progress,
         )
         for offset, steps in enumerate(outputs):
             logits[frame + offset, group] = steps[-1].masks.to(logits.dtype)
@@ -139,11 +141,11 @@ def track_video(
             batch = torch.stack([preprocessor.pixel_values(torch.from_numpy(f)) for f in frames[start:start + ENCODE_CHUNK]])
             chunks.append(segmenter.encode_frames(batch.to(device)))
         features = FrameFeatures.concat(chunks)
-        outputs = segmenter(features, point_coords=coords.to(device), point_labels=labels.to(device),
-                            num_frames=len(frames), progress=progress)
+        item = {"point_coords": coords.to(device), "point_labels": labels.to(device)}
+        logits = track_clip(segmenter, item, features, num_frames=len(frames), progress=progress)  # (T - F, N, h, w)
     label_maps = np.zeros((len(frames), height, width), np.uint16)
-    for offset, steps in enumerate(outputs):
-        masks = logits_at_original_size(steps[-1].masks[None], (height, width))[0].cpu().numpy()
+    for offset, frame_logits in enumerate(logits):
+        masks = logits_at_original_size(frame_logits[None], (height, width))[0].cpu().numpy()
         for index, mask in enumerate(masks):
             label_maps[frame + offset][mask] = index + 1
     return Tracking(labels=label_maps, frame_names=list(names), frames=frames)

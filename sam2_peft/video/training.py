@@ -43,25 +43,33 @@ class ClipSegmenter(nn.Module):
         correction_rounds: int = 0,
         correction_frames: int = 0,
         generator: torch.Generator | None = None,
-    ) -> list[list[list[FrameOutput]]]:
+        track: bool = False,
+    ) -> list[list[list[FrameOutput]]] | list[torch.Tensor]:
         """Prompt each clip's objects on its first frame and track them; returns, per clip and frame, the prediction
-        steps (the first, then one per correction click)."""
+        steps (the first, then one per correction click).
+
+        With `track`, each clip's objects are tracked from their own prompt frames instead, without autograd: (T, N,
+        h, w) logits per clip (`tracking.track_clip`). Validation goes through here, not around the module, so that
+        a sharded (FSDP) module gathers its parameters as for a training step.
+        """
+        if track:
+            with torch.no_grad():
+                return [track_clip(self.segmenter, clip, self._features(clip)) for clip in clips]
         results = []
         for clip in clips:
             if clip["prompt_frames"].any():
                 raise ValueError(f"Clip {clip['clip_id']!r}: training clips are prompted on their first frame.")
             features = self._features(clip)
             corrections = _correction_plan(clip, correction_rounds, correction_frames, generator)
-            results.append(
-                self.segmenter(features, clip["point_coords"], clip["point_labels"], clip.get("mask_inputs"),
-                               corrections=corrections)
-            )
+            outputs = self.segmenter(features, clip["point_coords"], clip["point_labels"], clip.get("mask_inputs"),
+                                     corrections=corrections)
+            for steps in outputs:
+                for step in steps:
+                    # The loss does not read pointers: returned with their graph, a clip's last pointer would be an
+                    # output whose parameters get no gradient (all of them in a one-frame clip), which DDP rejects.
+                    step.pointer = step.pointer.detach()
+            results.append(outputs)
         return results
-
-    @torch.no_grad()
-    def track(self, clip: dict) -> torch.Tensor:
-        """Track a clip's objects from their prompt frames: (T, N, h, w) logits (`tracking.track_clip`)."""
-        return track_clip(self.segmenter, clip, self._features(clip))
 
     def _features(self, clip: dict):
         """The clip's frames encoded here, or projected from the cached maps (`caching.FrameCache`)."""
@@ -135,15 +143,14 @@ def validate_clips(module: nn.Module, loader, accelerator, attach_cache=None) ->
         `j`, `f`, `j_and_f`, `dice` (means over objects, `metrics.video.aggregate_clips`) and `num_objects`.
     """
     module.eval()
-    tracker = accelerator.unwrap_model(module)
     scores = []
     for clips in loader:
         if attach_cache is not None:
             attach_cache(clips)
         batch_scores = []
-        for clip in clips:
-            with accelerator.autocast():  # as in training (FSDP2 does not autocast by itself)
-                logits = tracker.track(clip)
+        with accelerator.autocast():  # as in training (FSDP2 does not autocast by itself)
+            tracked = module(clips, track=True)
+        for clip, logits in zip(clips, tracked):
             predicted = logits_at_original_size(logits, clip["original_size"]).cpu().numpy()
             batch_scores.append(score_clip(predicted, clip["full_masks"], object_ids=clip["object_ids"].tolist(),
                                            clip_id=clip["clip_id"]))

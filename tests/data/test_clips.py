@@ -286,7 +286,7 @@ def test_training_windows_are_seeded_by_seed_epoch_and_index(tmp_path):
     labels[:2] = 0  # windows must not start on these empty frames
     write_clip(tmp_path, "c", labels)
     clips = load_clips(tmp_path, val_fraction=0)["train"]
-    prompts = PromptConfig(num_negative=1, mask_prompts=True)
+    prompts = PromptConfig(num_negative=1)
 
     def draws(seed, epoch):
         dataset = ClipDataset(clips, PRE, clip_length=4, prompts=prompts, seed=seed)
@@ -306,8 +306,12 @@ def test_training_windows_are_seeded_by_seed_epoch_and_index(tmp_path):
         assert item["object_ids"].tolist() == present and item["prompt_frames"].tolist() == [0] * len(present)
         entering = [v for v in (1, 2) if v not in present and (labels[start : start + 4] == v).any()]
         assert item["dropped"] == ({"objects absent from the window's first frame": len(entering)} if entering else {})
-        assert item["mask_inputs"].shape == (len(present), 1, S // 4, S // 4)
-        np.testing.assert_array_equal(item["full_masks"][:, :, :, :].any(axis=(2, 3)), item["object_present"].numpy())
+        # One kind of prompt per clip: a box (2 points) or 1 positive + 1 negative click, the same for every object.
+        assert item["point_coords"].shape[1] == 2 and len(set(map(tuple, item["point_labels"].tolist()))) == 1
+        # Present where the loss's target (at model resolution) has the object.
+        np.testing.assert_array_equal(item["masks"].flatten(2).any(-1).numpy(), item["object_present"].numpy())
+    with pytest.raises(ValueError, match="mask prompts"):
+        ClipDataset(clips, PRE, prompts=PromptConfig(mask_prompts=True))
 
 
 def test_short_clips_use_all_frames_and_caps_are_seeded(tmp_path):

@@ -35,21 +35,22 @@ def frame_folder(tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
     return folder, frames
 
 
-def transformers_labels(frames: list[np.ndarray], boxes, start: int) -> np.ndarray:
-    """Label maps from transformers alone: `Sam2VideoModel` tracking and `Sam2VideoProcessor`'s pre/post-processing."""
+def transformers_labels(frames: list[np.ndarray], start: int, first_label: int = 1, **inputs) -> np.ndarray:
+    """Label maps from transformers alone: `Sam2VideoModel` tracking and `Sam2VideoProcessor`'s pre/post-processing,
+    objects numbered from `first_label`."""
     model = load_sam2("tiny-random-video", video=True)
     processor = Sam2VideoProcessor(
         image_processor=Sam2ImageProcessor(size={"height": 256, "width": 256}, mask_size={"height": 64, "width": 64}),
         video_processor=Sam2VideoVideoProcessor(size={"height": 256, "width": 256}),
     )
     session = processor.init_video_session(video=frames, inference_device="cpu")
-    processor.add_inputs_to_inference_session(session, frame_idx=start, obj_ids=[1, 2],
-                                              input_boxes=[[list(box) for box in boxes]])
+    count = len(next(iter(inputs.values()))[0])
+    processor.add_inputs_to_inference_session(session, frame_idx=start, obj_ids=list(range(count)), **inputs)
     labels = np.zeros((len(frames), *frames[0].shape[:2]), np.uint16)
     for output in model.propagate_in_video_iterator(session, start_frame_idx=start):
         masks = processor.post_process_masks([output.pred_masks], original_sizes=[frames[0].shape[:2]])[0]
         for index, mask in enumerate(masks[:, 0].numpy()):
-            labels[output.frame_idx][mask] = index + 1
+            labels[output.frame_idx][mask] = index + first_label
     return labels
 
 
@@ -61,7 +62,7 @@ def test_track_writes_label_maps_equal_to_transformers(frame_folder, tmp_path):
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == ["img1.png", "img2.png", "img3.png", "img4.png", "img5.png", "img6.png", "overlay.png"]
     ours = np.stack([np.asarray(PIL.Image.open(tmp_path / "out" / f"img{t + 1}.png")) for t in range(6)])
-    reference = transformers_labels(frames, BOXES, start=1)
+    reference = transformers_labels(frames, start=1, input_boxes=[[list(box) for box in BOXES]])
     assert not ours[0].any()  # before the prompted frame
     assert set(np.unique(ours[1:])) == {0, 1, 2}
     # The same masks but where our resize of the frames (torch, as Sam2ImageProcessor) and the video processor's
@@ -80,6 +81,19 @@ def test_track_api_takes_arrays_like_the_folder(frame_folder):
         track_video(model, frames, boxes=BOXES, frame=6)
 
 
+def test_boxes_and_clicks_together_track_as_transformers_tracks_each(frame_folder):
+    """A box decodes to one mask and a click to three: tracked together, each object still gets its own kind."""
+    folder, frames = frame_folder
+    model = load_sam2("tiny-random-video", video=True)
+    ours = track_video(model, frames, boxes=BOXES[:1], points=[(180, 150)], frame=0, progress=False).labels
+    # transformers tracks objects one by one: the box object alone, then the clicked one alone.
+    box = transformers_labels(frames, start=0, input_boxes=[[list(BOXES[0])]])
+    click = transformers_labels(frames, start=0, first_label=2, input_points=[[[[180, 150]]]], input_labels=[[[1]]])
+    reference = np.where(click > 0, click, box)
+    assert set(np.unique(ours)) == {0, 1, 2}
+    assert (ours == reference).mean() > 0.999
+
+
 def test_track_refuses_a_malformed_box(frame_folder, tmp_path):
     with pytest.raises(ConfigError, match=r"--box 1,2,3: expected 4 comma-separated numbers"):
         main(["track", "--model", "tiny-random-video", "--video", str(frame_folder[0]), "--box", "1,2,3",
@@ -94,6 +108,23 @@ def video_run(tmp_path_factory) -> Path:
           "--batch_size", "2", "--clip_length", "4", "--eval_steps", "2", "--logging_steps", "1", "--learning_rate", "1e-3",
           "--output_dir", str(output)])
     return output
+
+
+def test_training_outputs_hold_no_pointer_graph():
+    """The loss does not read object pointers, so the training forward returns them detached: DDP would otherwise
+    wait for gradients of the pointer projection that a one-frame clip never produces."""
+    from sam2_peft.data import PromptConfig, Preprocessor
+    from sam2_peft.data.clips import ClipDataset, collate_clips
+    from sam2_peft.data.config import DataConfig
+    from sam2_peft.strategies import apply_strategy
+    from sam2_peft.video.training import ClipSegmenter
+
+    model = apply_strategy(load_sam2("tiny-random-video", video=True), "memory").train()
+    clips = DataConfig(data=SAMPLE, task="video").load_clip_splits(seed=0)["train"]
+    clip = collate_clips([ClipDataset(clips, Preprocessor.from_model(model), clip_length=1, prompts=PromptConfig())[0]])
+    outputs = ClipSegmenter(model)(clip)
+    assert len(outputs[0]) == 1 and not outputs[0][0][0].pointer.requires_grad
+    assert outputs[0][0][0].mask_logits.requires_grad
 
 
 def test_video_training_writes_a_video_adapter_and_logs_every_term(video_run):

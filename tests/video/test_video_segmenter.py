@@ -70,6 +70,17 @@ def test_box_tracking_equals_transformers(video_model, processor):
     torch.testing.assert_close(predicted, reference, atol=1e-3, rtol=0)
 
 
+def test_long_tracking_equals_transformers(video_model, processor):
+    """20 frames: past the 7 memories the bank holds (older ones drop out) and the 16 object pointers it reads."""
+    frames = moving_blobs(20)
+    boxes = [[50, 40, 120, 100], [150, 120, 210, 180]]
+    reference, pixel_values = transformers_tracking(video_model, processor, frames, obj_ids=[1, 2],
+                                                    input_boxes=[boxes])
+    coords = processor(images=frames[0], input_boxes=[boxes], return_tensors="pt")["input_boxes"][0].reshape(2, 2, 2)
+    predicted = ours(video_model, pixel_values, point_coords=coords, point_labels=torch.tensor([[2, 3], [2, 3]]))
+    torch.testing.assert_close(predicted, reference, atol=1e-3, rtol=0)
+
+
 def test_click_tracking_equals_transformers(video_model, processor):
     """One click: the prompted frame picks the best of three candidates (multimask), as do tracked frames."""
     frames = moving_blobs(4)
