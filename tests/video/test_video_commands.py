@@ -15,11 +15,16 @@ from transformers.models.sam2_video.video_processing_sam2_video import Sam2Video
 from sam2_peft import finetune
 from sam2_peft.checkpoints import save_checkpoint
 from sam2_peft.cli import main
+from sam2_peft.data import Preprocessor, PromptConfig
+from sam2_peft.data.clips import ClipDataset, collate_clips
+from sam2_peft.data.config import DataConfig
 from sam2_peft.errors import ConfigError
 from sam2_peft.hub import load_adapted, requires_video_model
 from sam2_peft.models import load_sam2
+from sam2_peft.strategies import apply_strategy
 from sam2_peft.video import VideoSegmenter
 from sam2_peft.video.tracking import track_video
+from sam2_peft.video.training import ClipSegmenter
 
 SAMPLE = str(Path(__file__).resolve().parents[2] / "examples" / "data_video")
 BOXES = [(50, 40, 120, 100), (150, 120, 210, 180)]
@@ -113,12 +118,6 @@ def video_run(tmp_path_factory) -> Path:
 def test_training_outputs_hold_no_pointer_graph():
     """The loss does not read object pointers, so the training forward returns them detached: DDP would otherwise
     wait for gradients of the pointer projection that a one-frame clip never produces."""
-    from sam2_peft.data import PromptConfig, Preprocessor
-    from sam2_peft.data.clips import ClipDataset, collate_clips
-    from sam2_peft.data.config import DataConfig
-    from sam2_peft.strategies import apply_strategy
-    from sam2_peft.video.training import ClipSegmenter
-
     model = apply_strategy(load_sam2("tiny-random-video", video=True), "memory").train()
     clips = DataConfig(data=SAMPLE, task="video").load_clip_splits(seed=0)["train"]
     clip = collate_clips([ClipDataset(clips, Preprocessor.from_model(model), clip_length=1, prompts=PromptConfig())[0]])
