@@ -8,7 +8,6 @@ import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_video_segmenter import moving_blobs
 from transformers import Sam2ImageProcessor, Sam2VideoProcessor
 from transformers.models.sam2_video.video_processing_sam2_video import Sam2VideoVideoProcessor
 
@@ -25,6 +24,8 @@ from sam2_peft.strategies import apply_strategy
 from sam2_peft.video import VideoSegmenter
 from sam2_peft.video.tracking import track_video
 from sam2_peft.video.training import ClipSegmenter
+
+from test_video_segmenter import moving_blobs
 
 SAMPLE = str(Path(__file__).resolve().parents[2] / "examples" / "data_video")
 BOXES = [(50, 40, 120, 100), (150, 120, 210, 180)]
