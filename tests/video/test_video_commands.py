@@ -211,3 +211,37 @@ def test_frozen_encoder_runs_once_per_frame_with_the_frame_cache(tmp_path, monke
     history = [json.loads((tmp_path / run / "history.json").read_text())["history"] for run in ("cached", "uncached")]
     losses = [[row["loss"] for row in rows if "loss" in row] for rows in history]
     assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_a_ct_volume_tracks_slice_by_slice_and_evaluates_with_volume_dice(tmp_path):
+    """A NIfTI pair read as a clip of axial slices: `track` writes one label map per slice, `eval --task video`
+    scores the organ with J, F and its 3-D Dice."""
+    import nibabel
+
+    depth, size = 6, 64
+    rows, cols, slices = np.mgrid[:size, :size, :depth]
+    organ = ((rows - 30) ** 2 + (cols - 32) ** 2 < (8 + slices) ** 2).astype(np.uint8)  # a disc growing along the axis
+    volume = np.where(organ > 0, 60, -400).astype(np.int16)  # HU: soft tissue in air
+    for folder, array in (("images", volume), ("masks", organ)):
+        (tmp_path / "ct" / folder).mkdir(parents=True)
+        nibabel.save(nibabel.Nifti1Image(array, np.eye(4)), tmp_path / "ct" / folder / "case.nii.gz")
+    clips = DataConfig(data=str(tmp_path / "ct"), task="video", val_fraction=0).load_clip_splits()["train"]
+    first = ClipDataset(clips, Preprocessor.from_model(load_sam2("tiny-random-video")), prompts="box")[0]
+    truth = first["full_masks"][:, 0]  # (T, H, W): the organ as the slices are read
+    ys, xs = np.nonzero(truth[0])
+    main(["track", "--model", "tiny-random-video", "--video", str(tmp_path / "ct" / "images" / "case.nii.gz"),
+          "--box", f"{xs.min()},{ys.min()},{xs.max()},{ys.max()}", "--ct_window", "40,400",
+          "--output", str(tmp_path / "tracked")])
+    assert sorted(p.name for p in (tmp_path / "tracked").glob("slice_*.png")) == [f"slice_{i:04d}.png" for i in range(depth)]
+    tracked = np.stack([np.asarray(PIL.Image.open(tmp_path / "tracked" / f"slice_{i:04d}.png")) for i in range(depth)]) == 1
+    assert tracked.shape == truth.shape and tracked[0].any()
+
+    main(["eval", "--task", "video", "--model", "tiny-random-video", "--data", str(tmp_path / "ct"), "--val_fraction",
+          "0", "--split", "train", "--ct_window", "40,400", "--mask_type", "semantic", "--output_dir",
+          str(tmp_path / "eval")])
+    scores = json.loads((tmp_path / "eval" / "metrics.json").read_text())["fine_tuned"]
+    assert scores["num_frames"] == depth and set(scores["per_object"]) == {"case/1"}
+    # eval prompts the organ with its slice-0 box, as `track` was: its J and Dice are those of the slices written.
+    union, overlap = (tracked | truth).sum(axis=(1, 2)), (tracked & truth).sum(axis=(1, 2))
+    assert scores["j"] == pytest.approx((overlap / union).mean(), abs=1e-6)
+    assert scores["dice"] == pytest.approx(2 * overlap.sum() / (tracked.sum() + truth.sum()), abs=1e-6)
