@@ -54,6 +54,8 @@ def _data(args: list[str]) -> None:
     parser.add_argument("source", nargs="?", default=None, help="the same as --data")
     data, extra = parse_data_args(parser, args)
     data = data.resolved()
+    if data.task == "video":
+        return _data_clips(data, extra.source or data.data)
     report = inspect_dataset(
         extra.source or data.data,
         mask_type=data.mask_type,
@@ -68,6 +70,25 @@ def _data(args: list[str]) -> None:
         nifti_axis=data.nifti_axis,
     )
     print(report.format())
+
+
+def _data_clips(data, source: str) -> None:
+    """`sam2-peft data --task video`: each split's clips, frames and objects, and what would be skipped (objects that
+    vanish at 1024 px, SAM2's input size, included)."""
+    import dataclasses
+
+    from sam2_peft.data import ClipDataset, Preprocessor
+
+    clips_log = logging.getLogger("sam2_peft.data.clips")
+    level = clips_log.level
+    clips_log.setLevel(logging.WARNING)  # its INFO log would repeat the report
+    try:
+        for name, clips in dataclasses.replace(data, data=source).load_clip_splits(seed=0).items():
+            dataset = ClipDataset(clips, Preprocessor(), mask_type=data.mask_type, min_object_area=data.min_object_area,
+                                  intensity=data.intensity_config(), prompts="box", split=name)
+            print(dataset.report.format())
+    finally:
+        clips_log.setLevel(level)
 
 
 def _merge(args: list[str]) -> None:

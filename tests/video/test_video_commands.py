@@ -245,3 +245,10 @@ def test_a_ct_volume_tracks_slice_by_slice_and_evaluates_with_volume_dice(tmp_pa
     union, overlap = (tracked | truth).sum(axis=(1, 2)), (tracked & truth).sum(axis=(1, 2))
     assert scores["j"] == pytest.approx((overlap / union).mean(), abs=1e-6)
     assert scores["dice"] == pytest.approx(2 * overlap.sum() / (tracked.sum() + truth.sum()), abs=1e-6)
+
+
+def test_data_reports_clips(capsys):
+    main(["data", "--task", "video", SAMPLE])
+    out = capsys.readouterr().out
+    assert "train: 3 clips (0 volumes), 3 usable, 21 frames, 5 objects" in out
+    assert "val: 1 clips (0 volumes), 1 usable, 8 frames, 2 objects" in out
