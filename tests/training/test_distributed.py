@@ -58,19 +58,20 @@ def test_two_processes_match_one(tmp_path):
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="needs torchrun")
 def test_video_training_runs_on_two_processes(tmp_path):
-    """A video run under DDP: both ranks end with the same weights (the gradients were all-reduced), and validation
-    counts each object of the validation clip once."""
+    """A video run under DDP and bf16 autocast: both ranks end with the same weights (the gradients were
+    all-reduced), and validation counts each object of the validation clip once."""
     torchrun = str(Path(sys.executable).parent / "torchrun")
     two = subprocess.run(
         [torchrun, "--nproc_per_node", "2", "--master_port", "29535", str(WORKER), "--model", "tiny-random-video",
          "--task", "video", "--data", str(REPO / "examples" / "data_video"), "--strategy", "lora",
          "--targets", "trunk.qkv+memory.attn", "--output_dir", str(tmp_path), "--max_steps", "2", "--batch_size", "1",
          "--clip_length", "3", "--eval_steps", "2", "--checkpoint_steps", "100", "--correction_rounds", "1",
-         "--learning_rate", "1e-3", "--seed", "5"],
+         "--learning_rate", "1e-3", "--seed", "5", "--mixed_precision", "bf16"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "MULTI_CPU" in two.stdout and "base: Sam2VideoModel" in two.stdout
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["mixed_precision"] == "bf16"
     assert json.loads((tmp_path / "metrics.json").read_text())["last"]["num_objects"] == 2
     rank0, rank1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
     assert any(".memory_attention." in name for name in rank0)

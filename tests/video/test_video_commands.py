@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import Sam2ImageProcessor, Sam2VideoProcessor
 from transformers.models.sam2_video.video_processing_sam2_video import Sam2VideoVideoProcessor
 
-from sam2_peft import finetune
+from sam2_peft import finetune, tasks
 from sam2_peft.checkpoints import save_checkpoint
 from sam2_peft.cli import main
 from sam2_peft.data import Preprocessor, PromptConfig
@@ -252,3 +252,18 @@ def test_data_reports_clips(capsys):
     out = capsys.readouterr().out
     assert "train: 3 clips (0 volumes), 3 usable, 21 frames, 5 objects" in out
     assert "val: 1 clips (0 volumes), 1 usable, 8 frames, 2 objects" in out
+
+
+def test_video_early_stopping_follows_j_and_f(tmp_path, monkeypatch):
+    scripted = iter([0.1, 0.5, 0.3, 0.2])  # before training, then steps 1, 2, 3: the best is step 1
+
+    def fake_validate(*args, **kwargs):
+        value = next(scripted)
+        return {"j": value, "f": value, "j_and_f": value, "dice": 0.9 - value, "num_objects": 2}
+
+    monkeypatch.setattr(tasks, "validate_clips", fake_validate)
+    main(["train", "--model", "tiny-random-video", "--task", "video", "--data", SAMPLE, "--strategy", "memory",
+          "--max_steps", "10", "--batch_size", "2", "--clip_length", "2", "--eval_steps", "1",
+          "--early_stopping_patience", "2", "--eval_metric", "j_and_f", "--output_dir", str(tmp_path)])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["best_step"] == 1 and metrics["best"]["j_and_f"] == 0.5
