@@ -28,6 +28,11 @@ from sam2_peft.training import compute_loss, loss_weights, validate
 from sam2_peft.video.training import ClipSegmenter, validate_clips, video_loss
 
 
+# A cache runs the frozen encoder outside the training module's forward, where FSDP holds only a shard of it.
+UNCACHED_UNDER_FSDP = ("Feature cache: off under FSDP (it would run the sharded encoder outside the module's "
+                       "forward); the frozen image encoder runs every step.")
+
+
 @dataclass
 class RunParts:
     """What a task builds for a run: the datasets, their collate, the module to prepare, the caches."""
@@ -66,8 +71,11 @@ class ImageTask:
                                         split="train", skipped=splits.skipped["train"], **common)
         val_set = SegmentationDataset(splits["val"], preprocessor, prompts="box", split="val",
                                       skipped=splits.skipped["val"], **common)
-        plan = plan_cache(model, changes_pixels=train_set.changes_pixels, enabled=cfg.cache_features,
-                          num_views=cfg.cache_views, num_images=len(train_set))
+        if accelerator.distributed_type == DistributedType.FSDP:
+            plan = CachePlan(None, None, 1, UNCACHED_UNDER_FSDP)
+        else:
+            plan = plan_cache(model, changes_pixels=train_set.changes_pixels, enabled=cfg.cache_features,
+                              num_views=cfg.cache_views, num_images=len(train_set))
         if plan.kind is not None and train_set.changes_pixels:
             train_set.augment_views = plan.num_views
         return RunParts(
@@ -123,8 +131,7 @@ class VideoTask:
         if not frozen:
             parts.message = "Feature cache: off: the image encoder trains; each clip's frames are encoded every step."
         elif accelerator.distributed_type == DistributedType.FSDP:
-            # The cache runs the encoder outside the sharded module's forward, where FSDP holds only a shard of it.
-            parts.message = "Feature cache: off under FSDP; the frozen image encoder runs on each clip every step."
+            parts.message = UNCACHED_UNDER_FSDP
         elif not cfg.cache_features:
             parts.message = ("Feature cache: off (--cache_features false); the frozen image encoder runs on each "
                              "clip's frames every step, without autograd.")

@@ -1,16 +1,23 @@
 import json
 import math
 import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 import sam2_peft.data.config as data_config
 import sam2_peft.finetune as finetune_module
 import sam2_peft.tasks as tasks_module
+from sam2_peft.config import TrainConfig
 from sam2_peft.finetune import finetune
+from sam2_peft.models import load_sam2
+from sam2_peft.strategies import apply_strategy
+from sam2_peft.tasks import TASKS, UNCACHED_UNDER_FSDP
 from sam2_peft.training import COMPLETE_MARKER, latest_checkpoint
 
 from train_helpers import SAMPLE_DATA, final_tensors, tiny_config
@@ -218,3 +225,14 @@ def test_loader_options_feed_a_gpu_and_leave_the_cpu_cores_to_training(monkeypat
         "num_workers": 4, "pin_memory": True, "prefetch_factor": 4, "persistent_workers": False}
     assert finetune_module.loader_options(None, torch.device("cuda"), 1)["num_workers"] == 8
     assert finetune_module.loader_options(0, torch.device("cuda"), 1) == {"num_workers": 0, "pin_memory": True}
+
+
+@pytest.mark.parametrize("task", ["image", "video"])
+def test_no_feature_cache_under_fsdp(task, tmp_path):
+    """A cache runs the frozen encoder outside the module's forward, where FSDP would hold only a shard of it."""
+    data = SAMPLE_DATA if task == "image" else str(Path(__file__).parents[2] / "examples" / "data_video")
+    cfg = TrainConfig(model="tiny-random-video", data=data, task=task, strategy="decoder", output_dir=str(tmp_path))
+    model = apply_strategy(load_sam2("tiny-random-video", video=task == "video"), "decoder")
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    parts = TASKS[task].build(cfg, model, TASKS[task].load_splits(cfg), "fingerprint", fsdp)
+    assert parts.train_cache is None and parts.val_cache is None and parts.message == UNCACHED_UNDER_FSDP
