@@ -138,6 +138,20 @@ def test_video_training_writes_a_video_adapter_and_logs_every_term(video_run):
     assert any(".memory_attention." in name for name in tensors)
 
 
+def test_merge_folds_a_video_adapter_into_a_video_model(video_run, tmp_path, frame_folder):
+    """`merge` of an adapter that trained the memory path writes a `Sam2VideoModel` folder that tracks as the
+    adapter does."""
+    main(["merge", "--model", "tiny-random-video", "--adapter", str(video_run / "final"), "--output_dir",
+          str(tmp_path / "merged")])
+    merged = load_sam2(str(tmp_path / "merged"), video=True)
+    adapted = load_adapted("tiny-random-video", video_run / "final")
+    frames = frame_folder[1]
+    ours = track_video(merged, frames, boxes=BOXES, progress=False).labels
+    assert (ours == track_video(adapted, frames, boxes=BOXES, progress=False).labels).mean() > 0.999
+    name = "memory_attention.layers.0.self_attn.q_proj.weight"  # the LoRA on the memory attention, folded in
+    assert not torch.equal(merged.state_dict()[name], load_sam2("tiny-random-video", video=True).state_dict()[name])
+
+
 def test_video_eval_scores_equal_tracking_its_boxes(video_run, tmp_path):
     """`eval --task video` scores what tracking the objects' boxes gives, computed here with numpy."""
     main(["eval", "--task", "video", "--model", "tiny-random-video", "--adapter", str(video_run / "final"),
