@@ -104,21 +104,24 @@ def test_mask_prompt_tracking_equals_transformers(video_model, processor):
     torch.testing.assert_close(predicted, reference, atol=1e-3, rtol=0)
 
 
-def test_objects_wait_for_their_prompt_frame(video_model):
-    """`track_clip` tracks each object from its own prompt frame; before it the object has no mask."""
-    pixel_values = torch.randn(5, 3, SIZE, SIZE)
-    coords = torch.tensor([[[40.0, 40.0], [120.0, 120.0]], [[100.0, 100.0], [200.0, 220.0]]])
-    labels = torch.tensor([[2, 3], [2, 3]])
+def test_prompts_on_a_later_frame_track_as_transformers(video_model, processor):
+    """Prompted on frame 2 of 6, an object has no mask before it, and from there on transformers' masks (the
+    pointers' temporal encoding is normalised by the whole video's length, not the tracked part's)."""
+    frames = moving_blobs(6)
+    boxes = [[60, 50, 130, 110]]
+    session = processor.init_video_session(video=frames, inference_device="cpu")
+    processor.add_inputs_to_inference_session(session, frame_idx=2, obj_ids=[1], input_boxes=[boxes])
+    reference = torch.stack([out.pred_masks[:, 0].clone()
+                             for out in video_model.propagate_in_video_iterator(session, start_frame_idx=2)])
+    pixel_values = torch.stack([session.get_frame(i) for i in range(len(frames))])
+    coords = processor(images=frames[2], input_boxes=[boxes], return_tensors="pt")["input_boxes"][0].reshape(1, 2, 2)
     segmenter = VideoSegmenter(video_model).eval()
-    item = {"pixel_values": pixel_values, "point_coords": coords, "point_labels": labels,
-            "prompt_frames": torch.tensor([0, 2])}
+    item = {"pixel_values": pixel_values, "point_coords": coords, "point_labels": torch.tensor([[2, 3]]),
+            "prompt_frames": torch.tensor([2])}
     with torch.no_grad():
         logits = track_clip(segmenter, item)
-        features = segmenter.encode_frames(pixel_values)
-        late = segmenter(features, point_coords=coords[1:], point_labels=labels[1:], prompt_frame=2)
-    assert (logits[:2, 1] == NO_OBJECT_SCORE).all()
-    torch.testing.assert_close(logits[2:, 1], torch.stack([steps[-1].masks[0] for steps in late]))
-    assert not (logits[:, 0] == NO_OBJECT_SCORE).all()
+    assert (logits[:2] == NO_OBJECT_SCORE).all()
+    torch.testing.assert_close(logits[2:], reference, atol=1e-3, rtol=0)
 
 
 def rope_in_input_precision(q, k, cos, sin, num_k_exclude_rope=0, repeat_freqs_k=False):
