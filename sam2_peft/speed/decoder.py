@@ -191,6 +191,12 @@ def _decoder_has_hooks(sam: nn.Module) -> bool:
 def _hooked_decode(sam, images, image_index, sparse, dense, grid, multimask_output):
     """transformers' `Sam2MaskDecoder.forward` on per-object maps, for a decoder whose hooks must run."""
     maps = [from_sub_pixel_order(tokens, level, grid) for tokens, level in zip(images[:3], (2, 1, 0))]
+    return transformers_decode(sam, maps, image_index, sparse, dense, multimask_output)
+
+
+def transformers_decode(sam, maps, image_index, sparse, dense, multimask_output):
+    """`sam.mask_decoder(...)` on each object's image maps, gathered from the (B, C, H, W) `maps` of its image:
+    (N, M, 4h, 4w) masks, (N, M) IoU, (N, 1) object-score logits."""
     feat_s0, feat_s1, embeddings = (levels.index_select(0, image_index) for levels in maps)
     positional = sam.get_image_wide_positional_embeddings().expand(image_index.shape[0], -1, -1, -1)
     masks, iou_scores, _, object_score_logits = sam.mask_decoder(

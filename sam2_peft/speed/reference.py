@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sam2_peft import family
-from sam2_peft.speed.decoder import DecoderImages
+from sam2_peft.speed.decoder import DecoderImages, transformers_decode
 
 
 def encode_images(vision_encoder: nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -65,14 +65,4 @@ def decode_masks(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`sam.mask_decoder(...)` on each object's image maps, gathered; the same contract as
     `speed.decoder.decode_masks` ((N, M, 4h, 4w) masks, (N, M) IoU, (N, 1) object-score logits)."""
-    feat_s0, feat_s1, embeddings = (maps.index_select(0, image_index) for maps in images[:3])
-    positional = sam.get_image_wide_positional_embeddings().expand(image_index.shape[0], -1, -1, -1)
-    masks, iou_scores, _, object_score_logits = sam.mask_decoder(
-        image_embeddings=embeddings,
-        image_positional_embeddings=positional,
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=multimask_output,
-        high_resolution_features=[feat_s0, feat_s1],
-    )
-    return masks[:, 0], iou_scores[:, 0], object_score_logits[:, 0]  # one prompt set per decoder batch entry
+    return transformers_decode(sam, images[:3], image_index, sparse, dense, multimask_output)
