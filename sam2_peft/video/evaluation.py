@@ -90,16 +90,15 @@ def evaluate_video(
     models = {FINE_TUNED: tuned}
     if baseline and adapter is not None:
         models[BASELINE] = load_sam2(model, video=True, **loading)
-    scores, label_maps = {}, {}
-    for name, network in models.items():
-        scores[name], label_maps[name] = _track_and_score(network.to(device), dataset, device, num_overlays, name)
+    segmenters = {name: VideoSegmenter(network.to(device)).eval() for name, network in models.items()}
+    scores, overlays = _track_and_score(segmenters, dataset, device, num_overlays)
     results = {"protocol": {"model": model, "adapter": None if adapter is None else str(adapter),
                             "data": str(config.data), "split": split, "prompt": prompt, "seed": seed},
                **scores}
     if BASELINE in scores:
         results["gain"] = {key: scores[FINE_TUNED][key] - scores[BASELINE][key] for key in VIDEO_METRICS}
     if output_dir is not None:
-        _write(results, label_maps, dataset, Path(output_dir))
+        _write(results, overlays, dataset, Path(output_dir))
     if verbose:
         for name in scores:
             print(f"{name:>10}: " + ", ".join(f"{key} {scores[name][key]:.4f}" for key in VIDEO_METRICS))
@@ -107,21 +106,27 @@ def evaluate_video(
 
 
 @torch.no_grad()
-def _track_and_score(model, dataset: ClipDataset, device, num_overlays: int, name: str):
-    """Scores over the split, and the label maps of the first `num_overlays` clips (for the strips)."""
-    segmenter = VideoSegmenter(model).eval()
-    clips, label_maps = [], {}
-    for index in tqdm(range(len(dataset)), desc=f"track ({name})"):
+def _track_and_score(segmenters: dict[str, VideoSegmenter], dataset: ClipDataset, device, num_overlays: int):
+    """Each clip read once and tracked by every model: the scores over the split, and for the first `num_overlays`
+    clips their index and label-map rows (each model's, then the reference), for the strips."""
+    clips = {name: [] for name in segmenters}
+    overlays = []
+    for index in tqdm(range(len(dataset)), desc="track"):
         item = dataset[index]
         prompts = {key: item[key].to(device) for key in ("pixel_values", "point_coords", "point_labels")
                    if item.get(key) is not None}
-        logits = track_clip(segmenter, {**item, **prompts})
-        predicted = logits_at_original_size(logits, item["original_size"]).cpu().numpy()
-        clips.append(score_clip(predicted, item["full_masks"], object_ids=item["object_ids"].tolist(),
-                                clip_id=item["clip_id"]))
+        rows = {}
+        for name, segmenter in segmenters.items():
+            predicted = logits_at_original_size(track_clip(segmenter, {**item, **prompts}), item["original_size"])
+            predicted = predicted.cpu().numpy()
+            clips[name].append(score_clip(predicted, item["full_masks"], object_ids=item["object_ids"].tolist(),
+                                          clip_id=item["clip_id"]))
+            if index < num_overlays:
+                rows[name] = list(_to_label_maps(predicted, item["object_ids"]))
         if index < num_overlays:
-            label_maps[index] = _to_label_maps(predicted, item["object_ids"])
-    return aggregate_clips(clips), label_maps
+            rows["reference"] = list(_to_label_maps(item["full_masks"], item["object_ids"]))
+            overlays.append((index, rows))
+    return {name: aggregate_clips(scores) for name, scores in clips.items()}, overlays
 
 
 def _to_label_maps(masks: np.ndarray, object_ids) -> np.ndarray:
@@ -132,13 +137,11 @@ def _to_label_maps(masks: np.ndarray, object_ids) -> np.ndarray:
     return labels
 
 
-def _write(results: dict, label_maps: dict, dataset: ClipDataset, output_dir: Path) -> None:
+def _write(results: dict, overlays: list, dataset: ClipDataset, output_dir: Path) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(results, indent=2))
-    for index in label_maps[FINE_TUNED]:
-        item, clip = dataset[index], dataset.clips[dataset.indices[index]]
+    for index, rows in overlays:
+        clip = dataset.clips[dataset.indices[index]]
         source = clip.volume_path if clip.is_volume else clip.frame_paths[0].parent
         frames = [frame.transpose(1, 2, 0) for frame in read_video(source, dataset.intensity, axis=clip.axis)[0]]
-        rows = {name: list(maps[index]) for name, maps in label_maps.items()}
-        rows["reference"] = list(_to_label_maps(item["full_masks"], item["object_ids"]))
-        save_overlay_strip(frames, rows, output_dir / f"overlay_{item['clip_id']}.png", titles=item["frame_names"])
+        save_overlay_strip(frames, rows, output_dir / f"overlay_{clip.clip_id}.png", titles=list(clip.frame_names))
