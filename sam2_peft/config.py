@@ -121,7 +121,9 @@ class TrainConfig(DataConfig):
         if self.strategy not in known:
             raise ConfigError(f"`--strategy {self.strategy}` is unknown; choose one of {', '.join(known)}.")
         if self.strategy in VIDEO_STRATEGIES and self.task != "video":
-            raise ConfigError(f"`--strategy {self.strategy}` trains SAM2's video memory; add `--task video` (clips, not images).")
+            raise ConfigError(
+                f"`--strategy {self.strategy}` trains SAM2's video memory; add `--task video` (clips, not images)."
+            )
         if self.strategy == "partial" and self.num_blocks is None and self.blocks is None:
             raise ConfigError("`--strategy partial` needs `--num_blocks N` (the last N Hiera blocks) or `--blocks`.")
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
@@ -131,7 +133,9 @@ class TrainConfig(DataConfig):
         select_backend(self.backend)  # refuses an unknown name, or cuda without CUDA, naming --backend
         metrics = EVAL_METRICS[self.task]
         if self.eval_metric not in metrics:
-            raise ConfigError(f"`--eval_metric {self.eval_metric}` is unknown for --task {self.task}; use {' or '.join(metrics)}.")
+            raise ConfigError(
+                f"`--eval_metric {self.eval_metric}` is unknown for --task {self.task}; use {' or '.join(metrics)}."
+            )
         if self.report_to not in ("none", "tensorboard", "wandb", "all"):
             raise ConfigError(f"`--report_to {self.report_to}` is unknown; use none, tensorboard, wandb or all.")
         if self.correction_frames < 0:

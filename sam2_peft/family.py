@@ -44,7 +44,10 @@ from sam2_peft.speed.neck import fpn_maps
 MODEL_CLASSES = (Sam2Model, Sam3TrackerModel, EdgeTamModel, Sam2VideoModel)
 # The first two-way layer whose image side `speed.decoder.decoder_images` computes once per image.
 TWO_WAY_BLOCKS = (
-    Sam2TwoWayAttentionBlock, Sam3TrackerTwoWayAttentionBlock, EdgeTamTwoWayAttentionBlock, Sam2VideoTwoWayAttentionBlock,
+    Sam2TwoWayAttentionBlock,
+    Sam3TrackerTwoWayAttentionBlock,
+    EdgeTamTwoWayAttentionBlock,
+    Sam2VideoTwoWayAttentionBlock,
 )
 VISION_ENCODER = "vision_encoder."
 # `Sam2VideoModel` parameters that `Sam2Model` does not have: the memory path.

@@ -185,7 +185,8 @@ def build_run(accelerator: Accelerator, cfg: TrainConfig, splits, model, base_fi
     eval_steps = cfg.eval_steps or steps_per_epoch
     return Run(
         cfg=cfg, accelerator=accelerator, task=task, parts=parts, model=model, module=module,
-        base_fingerprint=base_fingerprint, train_loader=train_loader, val_loader=val_loader, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps, eval_steps=eval_steps,
+        base_fingerprint=base_fingerprint, train_loader=train_loader, val_loader=val_loader, optimizer=optimizer,
+        scheduler=scheduler, total_steps=total_steps, eval_steps=eval_steps,
         checkpoint_steps=cfg.checkpoint_steps or eval_steps,
     )  # fmt: skip
 

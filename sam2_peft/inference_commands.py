@@ -125,7 +125,8 @@ def _track(args: list[str]) -> None:
     parser = build_data_parser("sam2-peft track", DESCRIPTIONS["track"])
     parser.add_argument("--model", required=True, help="Hub id, local folder, official .pt, or tiny-random-video")
     parser.add_argument("--adapter", default=None, help="a run's final/ folder or an adapter on the Hub")
-    parser.add_argument("--video", required=True, help="a folder of frames (natural order of the names) or a NIfTI volume")
+    parser.add_argument("--video", required=True,
+                        help="a folder of frames (natural order of the names) or a NIfTI volume")
     parser.add_argument("--box", action="append", default=[], metavar="X1,Y1,X2,Y2",
                         help="an object's box on --frame, in its pixels; repeat for more objects")
     parser.add_argument("--point", action="append", default=[], metavar="X,Y",
